@@ -1,0 +1,127 @@
+"""Training throughput (cells/s), peak RSS and achieved GFLOP/s of PerturbX.
+
+Usage::
+
+    python benchmarks/bench_training.py                      # CPA default architecture, batch 128
+    python benchmarks/bench_training.py --batch-sizes 128 256 512 1024 --json out.json
+
+The data is a simulated NB drug screen (``perturbx.data.simulate_drug_screen``), stored as a
+sparse CSR matrix. Throughput counts training cells processed per second of ``Trainer.fit``
+over the timed epochs (the first epoch is a warm-up and not timed). GFLOP/s is estimated from
+the dense layers' multiply-adds (forward + backward ≈ 3× forward) and compared with the
+machine's dense float32 matmul rate measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 matmul rate of this machine (GFLOP/s)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def model_flops_per_cell(module: torch.nn.Module, adversary_steps: int) -> float:
+    """Forward+backward FLOPs per cell of one training step (dense layers only)."""
+    autoencoder, adversary = 0, 0
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            macs = layer.in_features * layer.out_features
+            if "adversary" in name:
+                adversary += macs
+            elif "drug_encoder" in name or "amortizer" in name:
+                continue  # runs once per distinct drug in the batch, not per cell
+            else:
+                autoencoder += macs
+    # autoencoder: fwd + bwd (3x); adversary in the autoencoder step (3x) and in each of its
+    # own steps with the gradient penalty's double backward (~5x).
+    return 2 * (3 * autoencoder + 3 * adversary + 5 * adversary * adversary_steps)
+
+
+class EpochTimer(Callback):
+    def __init__(self):
+        self.times = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run(n_cells: int, n_genes: int, batch_size: int, epochs: int, arch: dict, seed: int = 0):
+    import perturbx
+
+    adata = perturbx.data.simulate_drug_screen(n_cells=n_cells, n_genes=n_genes, seed=seed)
+    perturbx.PerturbX.setup_anndata(
+        adata,
+        perturbation_key="drug",
+        dose_key="dose",
+        smiles_key="smiles",
+        covariate_keys=["cell_type"],
+    )
+    model = perturbx.PerturbX(adata, **arch)
+    timer = EpochTimer()
+    model.train(
+        max_epochs=epochs,
+        batch_size=batch_size,
+        train_size=1.0,
+        check_val_every_n_epoch=None,
+        callbacks=[timer],
+        enable_progress_bar=False,
+        seed=seed,
+    )
+    timed = timer.times[1:] if len(timer.times) > 1 else timer.times
+    cells_per_s = n_cells * len(timed) / sum(timed)
+    flops = model_flops_per_cell(model.module, adversary_steps=2) * cells_per_s / 1e9
+    return cells_per_s, flops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--n-cells", type=int, default=20_000)
+    parser.add_argument("--n-genes", type=int, default=2_000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
+    parser.add_argument("--json", default=None, help="write results to this JSON file")
+    args = parser.parse_args()
+
+    arch = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3)
+    peak_matmul = matmul_gflops()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"dense matmul {peak_matmul:.0f} GFLOP/s")
+    rows = []
+    for batch_size in args.batch_sizes:
+        cells_per_s, gflops = run(args.n_cells, args.n_genes, batch_size, args.epochs, arch)
+        rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        rows.append({
+            "n_cells": args.n_cells, "n_genes": args.n_genes, "batch_size": batch_size,
+            "cells_per_s": round(cells_per_s), "gflops": round(gflops, 1),
+            "fraction_of_matmul": round(gflops / peak_matmul, 3), "peak_rss_gib": round(rss_gib, 2),
+        })
+        print(rows[-1], flush=True)
+    print(f"\n{'batch':>6} {'cells/s':>9} {'GFLOP/s':>8} {'of matmul':>9} {'peak RSS GiB':>12}")
+    for r in rows:
+        print(f"{r['batch_size']:>6} {r['cells_per_s']:>9} {r['gflops']:>8} "
+              f"{r['fraction_of_matmul']:>9.1%} {r['peak_rss_gib']:>12}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"matmul_gflops": peak_matmul, "runs": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

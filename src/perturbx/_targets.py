@@ -1,0 +1,204 @@
+"""Resolve user-given target conditions (names, doses, SMILES, covariates) against a registry.
+
+Pure pandas/numpy: turns ``target=`` arguments of :meth:`perturbx.PerturbX.predict` into
+vocabulary indices, doses and covariate codes. Molecules that are not in the vocabulary are
+accepted by SMILES and numbered after it (index ``P + 1 + q`` for the ``q``-th new molecule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from perturbx.data._fields import close_matches_text, split_smiles_combination
+from perturbx.data._parsing import format_condition, parse_condition
+
+KEEP_SOURCE = -1  # covariate code meaning "use the source cell's own value"
+
+
+@dataclass
+class ResolvedTargets:
+    """Targets as arrays.
+
+    Attributes
+    ----------
+    obs
+        One row per target: perturbation, dose, covariates (``NaN`` = from the source cell),
+        ``smiles`` of new molecules, and a ``condition`` label.
+    index
+        ``(T, K)`` int64 vocabulary indices (0 = empty slot).
+    dose
+        ``(T, K)`` float32 doses.
+    covariate_codes
+        ``(T, C)`` int64 category codes, or :data:`KEEP_SOURCE`.
+    new_smiles
+        Canonical SMILES of molecules outside the vocabulary, in index order.
+    """
+
+    obs: pd.DataFrame
+    index: np.ndarray
+    dose: np.ndarray
+    covariate_codes: np.ndarray
+    new_smiles: list[str] = field(default_factory=list)
+
+
+def targets_frame(target, perturbation_key: str) -> pd.DataFrame:
+    """Normalise a ``target`` argument to a DataFrame with one row per target condition.
+
+    Accepts a perturbation string (``"A+B"``), a list of strings, a dict (scalars or equal
+    length lists), a list of dicts, or a DataFrame.
+    """
+    if target is None:
+        raise ValueError("target is required: which perturbation(s) to predict.")
+    if isinstance(target, str):
+        return pd.DataFrame({perturbation_key: [target]})
+    if isinstance(target, pd.DataFrame):
+        frame = target.reset_index(drop=True)
+    elif isinstance(target, Mapping):
+        values = dict(target)
+        scalar = all(np.ndim(v) == 0 for v in values.values())
+        frame = pd.DataFrame([values]) if scalar else pd.DataFrame(values)
+    elif isinstance(target, Sequence) and all(isinstance(t, str) for t in target):
+        frame = pd.DataFrame({perturbation_key: list(target)})
+    elif isinstance(target, Sequence) and all(isinstance(t, Mapping) for t in target):
+        frame = pd.DataFrame(list(target))
+    else:
+        raise TypeError(
+            "target must be a perturbation string, a list of strings, a dict, a list of dicts "
+            f"or a DataFrame; got {type(target).__name__}."
+        )
+    if perturbation_key not in frame.columns:
+        raise KeyError(
+            f"target has no {perturbation_key!r} column (the model's perturbation_key); "
+            f"target columns: {list(frame.columns)}."
+        )
+    if len(frame) == 0:
+        raise ValueError("target is empty.")
+    return frame
+
+
+def resolve_targets(
+    target,
+    state: Mapping,
+    covariate_categories: Mapping[str, Sequence],
+    canonicalize: Callable[[str, str | None], str],
+    smiles_column: str = "smiles",
+) -> ResolvedTargets:
+    """Resolve targets against the perturbation registry ``state`` (see ``PerturbationField``).
+
+    Parameters
+    ----------
+    target
+        See :func:`targets_frame`.
+    state
+        The perturbation field's state registry (vocabulary, canonical SMILES, keys).
+    covariate_categories
+        Known categories of each registered covariate.
+    canonicalize
+        ``(smiles, name) -> canonical SMILES`` raising on invalid input.
+    smiles_column
+        Target column with SMILES (``+``-joined for combinations) of perturbations that are
+        not in the vocabulary.
+    """
+    pkey, dkey, control = state["perturbation_key"], state["dose_key"], state["control_value"]
+    frame = targets_frame(target, pkey)
+    allowed = {pkey, dkey or "dose", smiles_column, *covariate_categories}
+    unknown_columns = [c for c in frame.columns if c not in allowed]
+    if unknown_columns:
+        raise KeyError(
+            f"target columns {unknown_columns} are not known; expected some of {sorted(allowed)}."
+        )
+    dose_column = dkey or "dose"
+    vocabulary = list(state["vocabulary"])
+    index_of = {name: i + 1 for i, name in enumerate(vocabulary)}
+    known_smiles = {s: i + 1 for i, s in enumerate(state["smiles"]) if s is not None}
+    new_smiles: list[str] = []
+
+    rows, indices, doses = [], [], []
+    for t, row in frame.iterrows():
+        dose = row.get(dose_column) if dose_column in frame.columns else None
+        dose = None if _missing(dose) else dose
+        names, member_doses = parse_condition(
+            str(row[pkey]), dose, control_value=control, where=f"target row {t}"
+        )
+        smiles = row.get(smiles_column) if smiles_column in frame.columns else None
+        member_smiles = (
+            split_smiles_combination(str(smiles)) if not _missing(smiles) else [None] * len(names)
+        )
+        if len(member_smiles) != len(names):
+            raise ValueError(
+                f"target row {t}: {smiles_column!r} lists {len(member_smiles)} SMILES for "
+                f"{len(names)} perturbation member(s)."
+            )
+        member_index = []
+        new_row_smiles = []
+        for name, smi in zip(names, member_smiles, strict=True):
+            if name in index_of and smi in (None, ""):
+                member_index.append(index_of[name])
+                continue
+            if smi in (None, ""):
+                smi = name  # a member may be given directly as a SMILES string
+                try:
+                    canonical = canonicalize(smi, name)
+                except ValueError:
+                    raise ValueError(
+                        f"target row {t}: perturbation {name!r} is not known to the model"
+                        f"{close_matches_text(name, vocabulary)} and is not a valid SMILES. "
+                        f"Known perturbations: {vocabulary}. Give a new molecule by SMILES "
+                        f"(as the perturbation or in a {smiles_column!r} column)."
+                    ) from None
+            else:
+                canonical = canonicalize(smi, name)
+            if canonical in known_smiles:
+                member_index.append(known_smiles[canonical])
+                continue
+            if canonical not in new_smiles:
+                new_smiles.append(canonical)
+            member_index.append(len(vocabulary) + 1 + new_smiles.index(canonical))
+            new_row_smiles.append(canonical)
+        perturbation, dose_text = format_condition(names, member_doses, control_value=control)
+        record = {pkey: perturbation, dose_column: dose_text if names else ""}
+        for key in covariate_categories:
+            record[key] = row[key] if key in frame.columns and not _missing(row[key]) else None
+        record[smiles_column] = "+".join(new_row_smiles)
+        rows.append(record)
+        indices.append(member_index)
+        doses.append(member_doses)
+
+    width = max(1, max(len(i) for i in indices))
+    index = np.zeros((len(rows), width), dtype=np.int64)
+    dose = np.zeros((len(rows), width), dtype=np.float32)
+    for t, (i, d) in enumerate(zip(indices, doses, strict=True)):
+        index[t, : len(i)] = i
+        dose[t, : len(d)] = d
+    obs = pd.DataFrame(rows)
+    codes = np.full((len(rows), len(covariate_categories)), KEEP_SOURCE, dtype=np.int64)
+    for c, (key, categories) in enumerate(covariate_categories.items()):
+        lookup = {str(v): j for j, v in enumerate(categories)}
+        for t, value in enumerate(obs[key]):
+            if value is None:
+                continue
+            if str(value) not in lookup:
+                raise ValueError(
+                    f"target row {t}: covariate {key!r} value {value!r} is not known to the "
+                    f"model{close_matches_text(str(value), list(lookup))}; known values: "
+                    f"{list(lookup)}."
+                )
+            codes[t, c] = lookup[str(value)]
+    obs["condition"] = [
+        "|".join([str(r[pkey]), str(r[dose_column])] + [str(r[k]) for k in covariate_categories])
+        for _, r in obs.iterrows()
+    ]
+    return ResolvedTargets(obs, index, dose, codes, new_smiles)
+
+
+def _missing(value) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False

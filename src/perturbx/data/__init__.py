@@ -1,0 +1,20 @@
+"""Data: registration helpers, the drug-screen simulator and out-of-distribution splits."""
+
+from perturbx.data._parsing import format_condition, parse_condition
+from perturbx.data.simulate import (
+    builtin_drug_smiles,
+    simulate_drug_screen,
+    true_condition_means,
+    true_expected_counts,
+    true_log_fold_change,
+)
+
+__all__ = [
+    "builtin_drug_smiles",
+    "format_condition",
+    "parse_condition",
+    "simulate_drug_screen",
+    "true_condition_means",
+    "true_expected_counts",
+    "true_log_fold_change",
+]

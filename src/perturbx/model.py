@@ -1,0 +1,585 @@
+"""``perturbx.PerturbX``: the user-facing scvi-tools model class."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalJointObsField, LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from perturbx.chem import MorganFeaturizer, canonical_smiles, nearest_reference
+from perturbx.data._fields import PERTURBATIONS_KEY, PerturbationField
+from perturbx.data._validation import check_expression, check_obs
+from perturbx.module import COUNT_LIKELIHOODS, LIKELIHOODS, PerturbXModule, split_perturbations
+from perturbx.train import PerturbXTrainingPlan
+from perturbx._targets import KEEP_SOURCE, resolve_targets
+
+logger = logging.getLogger(__name__)
+
+
+def _canonicalize(smiles: str, name: str | None) -> str:
+    return canonical_smiles(smiles, name=name)
+
+
+class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
+    """Compositional perturbation autoencoder with chemistry-aware drug embeddings.
+
+    Each cell is encoded to a *basal latent* from which adversaries try to predict the
+    perturbation and covariates; perturbation embeddings (from the Morgan fingerprint for
+    drugs with SMILES, learned otherwise), scaled by a learned dose response, and covariate
+    embeddings are added to it and decoded back to expression. Counterfactual predictions
+    encode control cells and add the embeddings of any target condition, including molecules
+    never seen in training (by SMILES).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    likelihood
+        ``"nb"`` or ``"zinb"`` for raw counts, ``"gaussian"`` for log-normalised data.
+    n_latent, n_hidden, n_layers, dropout_rate
+        Latent size, and width / depth / dropout of encoder and decoder.
+    variational
+        Sample the basal latent (with a KL term) instead of a deterministic encoder.
+    dose_response
+        ``"amortized"`` (default; parameters from the fingerprint, so new molecules get a
+        curve), ``"logsigm"``, ``"sigm"``, ``"linear"`` or ``"mlp"``.
+    drug_encoder_hidden, drug_encoder_layers
+        Size of the fingerprint → embedding MLP.
+    adversary_hidden, adversary_layers
+        Size of the adversarial classifiers.
+
+    Examples
+    --------
+    >>> import perturbx
+    >>> adata = perturbx.data.simulate_drug_screen(n_cells=5000, n_genes=500)
+    >>> perturbx.PerturbX.setup_anndata(
+    ...     adata, perturbation_key="drug", dose_key="dose", smiles_key="smiles",
+    ...     control_value="control", covariate_keys=["cell_type"])
+    >>> model = perturbx.PerturbX(adata)
+    >>> model.train(max_epochs=20)
+    >>> pred = model.predict(target={"drug": "Dexamethasone", "dose": 1.0})
+    """
+
+    _module_cls = PerturbXModule
+    _training_plan_cls = PerturbXTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        likelihood: Literal["nb", "zinb", "gaussian"] = "nb",
+        n_latent: int = 128,
+        n_hidden: int = 256,
+        n_layers: int = 3,
+        dropout_rate: float = 0.1,
+        variational: bool = False,
+        dose_response: Literal["amortized", "logsigm", "sigm", "linear", "mlp"] = "amortized",
+        drug_encoder_hidden: int = 256,
+        drug_encoder_layers: int = 2,
+        adversary_hidden: int = 64,
+        adversary_layers: int = 3,
+        registry: dict | None = None,
+    ):
+        super().__init__(adata, registry=registry)
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}.")
+        if adata is not None:
+            counts = likelihood in COUNT_LIKELIHOODS
+            check_expression(adata, self.registry["setup_args"]["layer"], counts)
+        state = self._perturbation_state
+        fingerprints = np.zeros((len(state["vocabulary"]), self.featurizer.n_bits), np.float32)
+        has_structure = np.array([s is not None for s in state["smiles"]], dtype=bool)
+        if has_structure.any():
+            structured = [s for s in state["smiles"] if s is not None]
+            fingerprints[has_structure] = self.featurizer(structured)
+        self.module = self._module_cls(
+            n_genes=self.summary_stats.n_vars,
+            fingerprints=torch.from_numpy(fingerprints),
+            has_structure=torch.from_numpy(has_structure),
+            n_labels=len(state["labels"]),
+            n_cats_per_covariate=[len(v) for v in self._covariate_categories.values()],
+            covariate_names=list(self._covariate_categories),
+            likelihood=likelihood,
+            n_latent=n_latent,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            variational=variational,
+            dose_response=dose_response,
+            drug_encoder_hidden=drug_encoder_hidden,
+            drug_encoder_layers=drug_encoder_layers,
+            adversary_hidden=adversary_hidden,
+            adversary_layers=adversary_layers,
+        )
+        n_molecules = int(has_structure.sum())
+        self._model_summary_string = (
+            f"PerturbX: {likelihood} likelihood, latent {n_latent}, "
+            f"{len(state['vocabulary'])} perturbations ({n_molecules} embedded from structure, "
+            f"{len(state['vocabulary']) - n_molecules} learned), dose response {dose_response!r}."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ registration
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        perturbation_key: str,
+        control_value: str = "control",
+        dose_key: str | None = None,
+        smiles_key: str | dict[str, str] | None = None,
+        covariate_keys: Sequence[str] = (),
+        layer: str | None = None,
+        fingerprint_radius: int = 2,
+        fingerprint_bits: int = 2048,
+        fingerprint_counts: bool = False,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData for PerturbX.
+
+        Parameters
+        ----------
+        adata
+            Cells × genes; raw counts (for ``nb``/``zinb``) or log-normalised (``gaussian``).
+            Sparse matrices stay sparse; only minibatches are densified.
+        perturbation_key
+            obs column of perturbations; combinations are ``"A+B"``.
+        control_value
+            Label of control (unperturbed / vehicle) cells in ``perturbation_key``.
+        dose_key
+            obs column of doses (numbers, or ``"1.0+3.0"`` for combinations, paired with the
+            members by position). ``None``: every perturbation at dose 1.
+        smiles_key
+            obs column with each drug's SMILES (combinations ``+``-joined in member order) or
+            a mapping perturbation → SMILES. Perturbations without SMILES (controls, genes,
+            drugs of unknown structure) get learned embeddings.
+        covariate_keys
+            Categorical obs columns (cell type, donor, ...) with their own embeddings and
+            adversaries.
+        layer
+            Layer with the expression; ``None`` uses ``adata.X``.
+        fingerprint_radius, fingerprint_bits, fingerprint_counts
+            Morgan fingerprint settings (stored in the registry).
+        """
+        covariate_keys = list(covariate_keys)
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check_obs(adata, covariate_keys)
+        featurizer = MorganFeaturizer(fingerprint_radius, fingerprint_bits, fingerprint_counts)
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
+            PerturbationField(
+                perturbation_key,
+                dose_key,
+                control_value,
+                canonicalize=_canonicalize,
+                fingerprint_settings=featurizer.to_dict(),
+                smiles_key=smiles_key,
+            ),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, covariate_keys or None),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+    @property
+    def _perturbation_state(self) -> dict:
+        return self.registry["field_registries"][PERTURBATIONS_KEY]["state_registry"]
+
+    @property
+    def _covariate_categories(self) -> dict[str, list]:
+        """Registered covariates and their categories, in registration order."""
+        field = self.registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {})
+        state = field.get("state_registry", {})
+        keys = state.get("field_keys") or []
+        return {k: list(state["mappings"][k]) for k in keys}
+
+    @property
+    def _smiles_column(self) -> str:
+        """Name of the SMILES column in targets: the registered obs column, else "smiles"."""
+        smiles_key = self.registry["setup_args"].get("smiles_key")
+        return smiles_key if isinstance(smiles_key, str) else "smiles"
+
+    @property
+    def featurizer(self) -> MorganFeaturizer:
+        """The Morgan featuriser with the registered settings."""
+        if not hasattr(self, "_featurizer"):
+            self._featurizer = MorganFeaturizer.from_dict(self._perturbation_state["fingerprint"])
+        return self._featurizer
+
+    @property
+    def perturbations(self) -> list[str]:
+        """The perturbation vocabulary (controls excluded)."""
+        return list(self._perturbation_state["vocabulary"])
+
+    # ----------------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        batch_size: int = 128,
+        split_key: str | None = None,
+        train_size: float | None = 0.9,
+        validation_size: float | None = None,
+        early_stopping: bool = False,
+        plan_kwargs: dict | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        """Train the model (again calls continue from the current weights).
+
+        Parameters
+        ----------
+        max_epochs
+            Passes through the training cells (default: scvi's heuristic).
+        batch_size
+            Cells per minibatch.
+        split_key
+            obs column with ``"train"`` / ``"validation"`` / ``"test"`` per cell (see
+            :mod:`perturbx.data.splits`); test cells are never seen. If ``None``, a random
+            ``train_size`` / ``validation_size`` split is drawn.
+        train_size, validation_size
+            Random split fractions when ``split_key`` is ``None``.
+        early_stopping
+            Stop when the validation loss stops improving (scvi/Lightning early stopping).
+        plan_kwargs
+            Arguments of :class:`perturbx.train.PerturbXTrainingPlan` (learning rates,
+            ``adversary_weight``, ``adversary_steps``, ``n_epochs_adversary_warmup``,
+            ``gradient_penalty``, ``gradient_clip_val``, ...).
+        seed
+            Seeds torch, numpy and the split (``scvi.settings.seed``) for reproducible runs.
+        **kwargs
+            Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (e.g.
+            ``accelerator``, ``devices``, ``datasplitter_kwargs``, Lightning trainer arguments).
+        """
+        if seed is not None:
+            settings.seed = seed
+        kwargs.setdefault("check_val_every_n_epoch", 1)
+        if split_key is not None:
+            kwargs["datasplitter_kwargs"] = {
+                **kwargs.get("datasplitter_kwargs", {}),
+                "external_indexing": self._split_indices(split_key),
+            }
+            train_size = validation_size = None
+        return super().train(
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            train_size=train_size,
+            validation_size=validation_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            **kwargs,
+        )
+
+    def _split_indices(self, split_key: str) -> list[np.ndarray]:
+        if split_key not in self.adata.obs.columns:
+            raise KeyError(f"split_key={split_key!r} is not a column of adata.obs.")
+        split = self.adata.obs[split_key].astype(str).to_numpy()
+        unknown = sorted(set(split) - {"train", "validation", "test"})
+        if unknown:
+            raise ValueError(
+                f"obs[{split_key!r}] has values {unknown}; expected 'train', 'validation', 'test'."
+            )
+        indices = [np.flatnonzero(split == s) for s in ("train", "validation", "test")]
+        if len(indices[0]) == 0:
+            raise ValueError(f"obs[{split_key!r}] has no 'train' cells.")
+        return indices
+
+    # -------------------------------------------------------------------- data access
+    def _batches(self, adata: AnnData | None, indices=None, batch_size: int | None = None):
+        adata = self._validate_anndata(adata)
+        return adata, self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        kind: Literal["basal", "full"] = "basal",
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Latent representation of cells, ``(n_cells, n_latent)``.
+
+        ``kind="basal"``: the encoder output, stripped of perturbation and covariate
+        information by the adversaries. ``kind="full"``: basal + the cell's own perturbation
+        (dose-scaled) and covariate embeddings, the decoder's input.
+        """
+        if kind not in ("basal", "full"):
+            raise ValueError(f"kind={kind!r} must be 'basal' or 'full'.")
+        self.module.eval()
+        _, loader = self._batches(adata, indices, batch_size)
+        out = []
+        for tensors in loader:
+            inference_outputs, generative_outputs = self.module(tensors, compute_loss=False)
+            key = "basal_latent" if kind == "basal" else None
+            latent = inference_outputs[key] if key else generative_outputs["latent"]
+            out.append(latent.cpu().numpy())
+        return np.concatenate(out)
+
+    @torch.inference_mode()
+    def reconstruct(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> AnnData:
+        """Expected expression of observed cells under their *own* conditions.
+
+        This is a reconstruction (the autoencoder's fit), not a counterfactual prediction;
+        use :meth:`predict` for the latter. Returns an AnnData with the cells' obs.
+        """
+        self.module.eval()
+        adata, loader = self._batches(adata, indices, batch_size)
+        out = [self.module(t, compute_loss=False)[1]["px"].mean.cpu().numpy() for t in loader]
+        obs = adata.obs.iloc[np.arange(adata.n_obs) if indices is None else np.asarray(indices)]
+        return AnnData(np.concatenate(out).astype(np.float32), obs=obs.copy(), var=adata.var[[]].copy())
+
+    # --------------------------------------------------------------------- prediction
+    def _source_indices(self, adata: AnnData, source) -> np.ndarray:
+        if isinstance(source, str):
+            if source != "control":
+                raise ValueError(f"source={source!r}: use 'control', a boolean mask or indices.")
+            _, index, _ = split_perturbations(
+                torch.from_numpy(np.asarray(adata.obsm["_perturbx_perturbations"]))
+            )
+            chosen = np.flatnonzero((index == 0).all(1).numpy())
+            if len(chosen) == 0:
+                raise ValueError("The AnnData has no control cells to predict from.")
+            return chosen
+        source = np.asarray(source)
+        if source.dtype == bool:
+            if source.shape != (adata.n_obs,):
+                raise ValueError(f"source mask has shape {source.shape}, expected ({adata.n_obs},).")
+            return np.flatnonzero(source)
+        return source.astype(np.int64)
+
+    @torch.inference_mode()
+    def _encode_sources(self, adata: AnnData, indices: np.ndarray, batch_size: int | None):
+        """Basal latent, library size and covariate codes of the source cells."""
+        _, loader = self._batches(adata, indices, batch_size)
+        basal, library, covariates = [], [], []
+        for tensors in loader:
+            inference_outputs = self.module.inference(**self.module._get_inference_input(tensors))
+            basal.append(inference_outputs["basal_latent"])
+            library.append(inference_outputs["library"])
+            cov = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+            n = basal[-1].shape[0]
+            covariates.append(cov.long() if cov is not None else torch.zeros(n, 0, dtype=torch.long))
+        return torch.cat(basal), torch.cat(library), torch.cat(covariates)
+
+    def _training_molecules(self) -> tuple[list[str], list[str]]:
+        """Names and SMILES of the vocabulary's molecules that have training cells."""
+        state = self._perturbation_state
+        names = [n for n, s in zip(state["vocabulary"], state["smiles"], strict=True) if s]
+        if self.adata is not None and self.train_indices_ is not None:
+            packed = np.asarray(self.adata.obsm["_perturbx_perturbations"])[self.train_indices_]
+            _, index, _ = split_perturbations(torch.from_numpy(packed))
+            seen = {state["vocabulary"][i - 1] for i in np.unique(index.numpy()) if i > 0}
+            names = [n for n in names if n in seen]
+        smiles = dict(zip(state["vocabulary"], state["smiles"], strict=True))
+        return names, [smiles[n] for n in names]
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        target=None,
+        *,
+        source: str | np.ndarray = "control",
+        n_cells_per_target: int | None = None,
+        library_size: Literal["observed"] | float = "observed",
+        sample: bool = False,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> AnnData:
+        """Counterfactual prediction: source cells (controls by default) under target conditions.
+
+        Each source cell is encoded to its basal latent; the target's dose-scaled perturbation
+        embeddings and covariate embeddings are added; the decoder gives the expression.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the source cells (default: the model's AnnData).
+        target
+            One or several conditions: a perturbation string (``"A+B"``), a dict with the
+            registered obs keys (perturbation, dose, covariates, and ``smiles`` for molecules
+            not in the training data), a list of those, or a DataFrame with one row per
+            target. A target covariate restricts the source cells to that category; without
+            it, each source cell keeps its own covariates. New molecules can be given as the
+            perturbation itself (a SMILES string) or in the ``smiles`` column.
+        source
+            ``"control"``, a boolean mask or integer indices of the source cells.
+        n_cells_per_target
+            Randomly use at most this many source cells per target (seeded).
+        library_size
+            ``"observed"``: each source cell's total counts; a number: that library size for
+            every cell (e.g. ``1e4`` for normalised expression). Counts likelihoods only.
+        sample
+            Draw from ``p(x | z)`` instead of returning its mean.
+        batch_size
+            Cells per forward pass.
+        seed
+            Seed of the source-cell subsampling and of ``sample``.
+
+        Returns
+        -------
+        AnnData ``(n_targets × n_source_cells, n_genes)`` of predicted expression (expected
+        counts at the library size for counts likelihoods, log-normalised values for
+        ``gaussian``). ``.obs`` holds ``source_cell``, the target perturbation, dose,
+        covariates, ``condition``, and for molecules not in the training data their
+        ``smiles``, ``max_tanimoto_to_training`` and ``nearest_training_drug``.
+        """
+        self.module.eval()
+        adata = self._validate_anndata(adata)
+        state = self._perturbation_state
+        categories = self._covariate_categories
+        smiles_column = self._smiles_column
+        targets = resolve_targets(target, state, categories, _canonicalize, smiles_column)
+        extra = None
+        if targets.new_smiles:
+            extra = torch.from_numpy(self.featurizer(targets.new_smiles)).to(self.device)
+        sources = self._source_indices(adata, source)
+        basal, library, covariates = self._encode_sources(adata, sources, batch_size)
+        if library_size != "observed":
+            if self.module.likelihood not in COUNT_LIKELIHOODS:
+                raise ValueError("library_size applies to counts likelihoods ('nb'/'zinb') only.")
+            library = torch.full_like(library, float(library_size))
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(seed)
+        blocks, obs_blocks = [], []
+        for t in range(len(targets.obs)):
+            rows = np.arange(len(sources))
+            codes = targets.covariate_codes[t]
+            for c, code in enumerate(codes):
+                if code != KEEP_SOURCE:
+                    rows = rows[covariates[rows, c].numpy() == code]
+            if len(rows) == 0:
+                raise ValueError(
+                    f"No source cells match the covariates of target {targets.obs.iloc[t].to_dict()}."
+                )
+            if n_cells_per_target is not None and len(rows) > n_cells_per_target:
+                rows = np.sort(rng.choice(rows, n_cells_per_target, replace=False))
+            for start in range(0, len(rows), batch_size):
+                chunk = torch.from_numpy(rows[start : start + batch_size])
+                n = len(chunk)
+                index = torch.from_numpy(targets.index[t]).expand(n, -1)
+                dose = torch.from_numpy(targets.dose[t]).expand(n, -1)
+                cov = covariates[chunk].clone()
+                for c, code in enumerate(codes):
+                    if code != KEEP_SOURCE:
+                        cov[:, c] = int(code)
+                px = self.module.generative(
+                    basal[chunk], library[chunk], index, dose, cov if cov.shape[1] else None, extra
+                )["px"]
+                if sample:
+                    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                    values = px.sample()
+                else:
+                    values = px.mean
+                blocks.append(values.cpu().numpy().astype(np.float32))
+            obs = pd.DataFrame(
+                {"source_cell": adata.obs_names[sources[rows]].to_numpy()},
+            )
+            for key, value in targets.obs.iloc[t].items():
+                obs[key] = value
+            for c, key in enumerate(categories):
+                if codes[c] == KEEP_SOURCE:
+                    obs[key] = np.asarray(categories[key], dtype=object)[covariates[rows, c].numpy()]
+            obs_blocks.append(obs)
+        obs = pd.concat(obs_blocks, ignore_index=True)
+        obs = self._annotate_new_molecules(obs, targets, smiles_column)
+        obs.index = [f"pred_{i}" for i in range(len(obs))]
+        for key in obs.columns:
+            if obs[key].dtype == object:
+                obs[key] = obs[key].astype(str).astype("category")
+        result = AnnData(np.concatenate(blocks), obs=obs, var=adata.var[[]].copy())
+        result.uns["perturbx_prediction"] = {
+            "likelihood": self.module.likelihood,
+            "values": "samples" if sample else "expected",
+            "library_size": library_size if library_size != "observed" else "observed",
+            "control_value": state["control_value"],
+            "perturbation_key": state["perturbation_key"],
+            "dose_key": state["dose_key"] or "dose",
+            "covariate_keys": list(categories),
+        }
+        return result
+
+    def _annotate_new_molecules(self, obs: pd.DataFrame, targets, smiles_column: str) -> pd.DataFrame:
+        """Tanimoto distance of each target's new molecules to the training drugs."""
+        if not targets.new_smiles:
+            return obs.drop(columns=[smiles_column])
+        names, smiles = self._training_molecules()
+        if not smiles:
+            return obs
+        nearest = nearest_reference(targets.new_smiles, smiles, names)
+        similarity = dict(zip(targets.new_smiles, nearest["max_similarity"], strict=True))
+        neighbour = dict(zip(targets.new_smiles, nearest["nearest_reference"], strict=True))
+        members = obs[smiles_column].map(lambda s: [m for m in str(s).split("+") if m] if s else [])
+        # Several new members: report the one farthest from the training drugs.
+        farthest = members.map(lambda ms: min(ms, key=similarity.get) if ms else None)
+        obs["max_tanimoto_to_training"] = farthest.map(lambda m: similarity.get(m, np.nan))
+        obs["nearest_training_drug"] = farthest.map(lambda m: neighbour.get(m, ""))
+        return obs
+
+    # ------------------------------------------------------------ embeddings and doses
+    def _resolve_members(self, perturbations: Sequence[str]):
+        """Vocabulary indices (or new-molecule indices) and fingerprints of new molecules."""
+        state = self._perturbation_state
+        frame = pd.DataFrame({state["perturbation_key"]: list(perturbations)})
+        targets = resolve_targets(frame, state, {}, _canonicalize, self._smiles_column)
+        if (targets.index > 0).sum(1).max() > 1:
+            raise ValueError("Give single perturbations here, not combinations.")
+        extra = None
+        if targets.new_smiles:
+            extra = torch.from_numpy(self.featurizer(targets.new_smiles)).to(self.device)
+        return torch.from_numpy(targets.index[:, :1]), extra
+
+    @torch.inference_mode()
+    def get_perturbation_embeddings(
+        self,
+        perturbations: Sequence[str] | None = None,
+        doses: float | Sequence[float] | None = None,
+    ) -> pd.DataFrame:
+        """Latent embedding of each perturbation, optionally scaled by its dose response.
+
+        Parameters
+        ----------
+        perturbations
+            Names from the vocabulary, or SMILES of any molecule (default: the vocabulary).
+        doses
+            ``None``: unscaled embeddings ``e_p``; a number or one dose per perturbation:
+            ``s_p(d) · e_p``, the shift actually added to the latent.
+
+        Returns
+        -------
+        DataFrame ``(n_perturbations, n_latent)`` indexed by perturbation.
+        """
+        self.module.eval()
+        perturbations = self.perturbations if perturbations is None else list(perturbations)
+        index, extra = self._resolve_members(perturbations)
+        embedding = self.module.perturbation_embedding(index, extra)[:, 0]
+        if doses is not None:
+            dose = torch.as_tensor(np.broadcast_to(np.asarray(doses, np.float32), (len(index),)).copy())
+            scale = self.module.dose_response(index, dose.unsqueeze(1), extra)
+            embedding = embedding * scale
+        return pd.DataFrame(embedding.cpu().numpy(), index=pd.Index(perturbations, name="perturbation"))
+
+    @torch.inference_mode()
+    def get_dose_response(self, perturbation: str, doses: Sequence[float]) -> np.ndarray:
+        """Dose-response scale ``s_p(d)`` of one perturbation (name or SMILES) at ``doses``.
+
+        Returns
+        -------
+        ``(len(doses),)`` array: the factor multiplying the perturbation's embedding.
+        """
+        self.module.eval()
+        index, extra = self._resolve_members([perturbation])
+        dose = torch.as_tensor(np.asarray(doses, dtype=np.float32)).reshape(-1, 1)
+        return self.module.dose_response(index.expand(len(dose), 1), dose, extra)[:, 0].cpu().numpy()

@@ -1,0 +1,274 @@
+"""The PerturbX module: a compositional perturbation autoencoder (torch, no AnnData).
+
+inference:  x ──encoder──► basal latent z_b
+generative: z = z_b + Σ_k dose_response(d_k) · embed(p_k) + Σ_c embed_c(covariate_c)
+            z ──decoder──► p(x | z)   (NB / ZINB for counts, Gaussian for log-normalised data)
+loss:       −log p(x | z) (+ KL if variational); adversaries are scored on z_b
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.nn import FCLayers
+from torch import nn
+from torch.distributions import Normal, kl_divergence
+
+from perturbx.data._fields import NO_LABEL, PERTURBATIONS_KEY
+from perturbx.nn import Adversary, DoseResponse, DoseResponseKind, PerturbationEmbedding, mlp
+
+Likelihood = Literal["nb", "zinb", "gaussian"]
+LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "gaussian")
+COUNT_LIKELIHOODS: tuple[str, ...] = ("nb", "zinb")
+_MIN_VARIANCE = 1e-4
+
+
+def split_perturbations(packed: torch.Tensor):
+    """Unpack the registered ``(B, 1 + 2K)`` perturbation array.
+
+    Returns ``(label (B,), index (B, K) long, dose (B, K))``.
+    """
+    width = (packed.shape[1] - 1) // 2
+    label = packed[:, 0].long()
+    index = packed[:, 1 : 1 + width].long()
+    dose = packed[:, 1 + width :]
+    return label, index, dose
+
+
+class PerturbXModule(BaseModuleClass):
+    """Compositional autoencoder with chemistry-aware perturbation embeddings.
+
+    Parameters
+    ----------
+    n_genes
+        Number of genes ``G``.
+    fingerprints
+        ``(P, F)`` fingerprint matrix of the perturbation vocabulary (zeros where a
+        perturbation has no structure).
+    has_structure
+        ``(P,)`` bool: which perturbations are embedded from their fingerprint.
+    n_labels
+        Number of perturbation-set classes for the perturbation adversary.
+    n_cats_per_covariate
+        Number of categories of each covariate.
+    covariate_names
+        Names of the covariates (used in logged metric names).
+    likelihood
+        ``"nb"``, ``"zinb"`` (counts) or ``"gaussian"`` (log-normalised data).
+    n_latent, n_hidden, n_layers
+        Latent size and encoder/decoder width and depth.
+    variational
+        If True, the basal latent is sampled from ``N(mu, sigma)`` with a KL term.
+    dose_response
+        See :class:`perturbx.nn.DoseResponse`.
+    """
+
+    def __init__(
+        self,
+        n_genes: int,
+        fingerprints: torch.Tensor,
+        has_structure: torch.Tensor,
+        n_labels: int,
+        n_cats_per_covariate: list[int],
+        covariate_names: list[str] | None = None,
+        likelihood: Likelihood = "nb",
+        n_latent: int = 128,
+        n_hidden: int = 256,
+        n_layers: int = 3,
+        dropout_rate: float = 0.1,
+        variational: bool = False,
+        dose_response: DoseResponseKind = "amortized",
+        drug_encoder_hidden: int = 256,
+        drug_encoder_layers: int = 2,
+        adversary_hidden: int = 64,
+        adversary_layers: int = 3,
+    ):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}.")
+        self.n_genes = n_genes
+        self.n_latent = n_latent
+        self.likelihood = likelihood
+        self.variational = variational
+        self.covariate_names = list(covariate_names or [f"covariate_{i}" for i in range(len(n_cats_per_covariate))])
+        self.encoder = mlp(n_genes, n_latent * (2 if variational else 1), n_hidden, n_layers, dropout_rate)
+        self.decoder_body = FCLayers(
+            n_latent,
+            n_hidden,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            use_batch_norm=False,
+            use_layer_norm=True,
+        )
+        if likelihood in COUNT_LIKELIHOODS:
+            self.scale_head = nn.Linear(n_hidden, n_genes)
+            self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
+            self.dropout_head = nn.Linear(n_hidden, n_genes) if likelihood == "zinb" else None
+        else:
+            self.mean_head = nn.Linear(n_hidden, n_genes)
+            self.variance_head = nn.Linear(n_hidden, n_genes)
+        self.perturbation_embedding = PerturbationEmbedding(
+            fingerprints, has_structure, n_latent, drug_encoder_hidden, drug_encoder_layers
+        )
+        self.dose_response = DoseResponse(dose_response, fingerprints, has_structure)
+        self.covariate_embeddings = nn.ModuleList(
+            [nn.Embedding(n, n_latent) for n in n_cats_per_covariate]
+        )
+        self.perturbation_adversary = Adversary(n_latent, n_labels, adversary_hidden, adversary_layers)
+        self.covariate_adversaries = nn.ModuleList(
+            [Adversary(n_latent, n, adversary_hidden, adversary_layers) for n in n_cats_per_covariate]
+        )
+
+    # ----------------------------------------------------------------- parameter groups
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters of the three optimisers: autoencoder, dose response, adversaries."""
+        dose = list(self.dose_response.parameters())
+        adversary = list(self.perturbation_adversary.parameters()) + list(
+            self.covariate_adversaries.parameters()
+        )
+        taken = {id(p) for p in dose + adversary}
+        autoencoder = [p for p in self.parameters() if id(p) not in taken]
+        return {"autoencoder": autoencoder, "dose_response": dose, "adversary": adversary}
+
+    # ----------------------------------------------------------------------- inference
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+
+    @auto_move_data
+    def inference(self, x: torch.Tensor, n_samples: int = 1) -> dict:
+        """Encode expression ``x`` ``(B, G)`` to the basal latent ``(B, L)``.
+
+        Counts are log1p-transformed first; the library size (total counts) is kept for
+        the decoder.
+        """
+        library = x.sum(-1, keepdim=True)
+        h = self.encoder(torch.log1p(x) if self.likelihood in COUNT_LIKELIHOODS else x)
+        if not self.variational:
+            return {"basal_latent": h, "library": library, "qz": None}
+        mean, raw_var = h.chunk(2, dim=-1)
+        qz = Normal(mean, F.softplus(raw_var).add(_MIN_VARIANCE).sqrt())
+        basal = qz.rsample() if self.training else mean
+        return {"basal_latent": basal, "library": library, "qz": qz}
+
+    # ---------------------------------------------------------------------- generative
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
+        _, index, dose = split_perturbations(tensors[PERTURBATIONS_KEY])
+        covariates = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+        return {
+            "basal_latent": inference_outputs["basal_latent"],
+            "library": inference_outputs["library"],
+            "perturbation_index": index,
+            "dose": dose,
+            "covariates": covariates,
+        }
+
+    def perturbation_latent(
+        self,
+        perturbation_index: torch.Tensor,
+        dose: torch.Tensor,
+        extra_fingerprints: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Σ_k s_k(d_k) · e_k: the latent shift ``(B, L)`` of ``(B, K)`` indices and doses."""
+        embedding = self.perturbation_embedding(perturbation_index, extra_fingerprints)
+        scale = self.dose_response(perturbation_index, dose, extra_fingerprints)
+        return (scale.unsqueeze(-1) * embedding).sum(1)
+
+    def covariate_latent(self, covariates: torch.Tensor | None) -> torch.Tensor | float:
+        """Σ_c embed_c(covariate_c) for ``(B, C)`` category codes (0 if no covariates)."""
+        if covariates is None or not len(self.covariate_embeddings):
+            return 0.0
+        codes = covariates.long()
+        return sum(emb(codes[:, i]) for i, emb in enumerate(self.covariate_embeddings))
+
+    @auto_move_data
+    def generative(
+        self,
+        basal_latent: torch.Tensor,
+        library: torch.Tensor,
+        perturbation_index: torch.Tensor,
+        dose: torch.Tensor,
+        covariates: torch.Tensor | None = None,
+        extra_fingerprints: torch.Tensor | None = None,
+    ) -> dict:
+        """Add perturbation and covariate effects to the basal latent and decode ``p(x | z)``."""
+        latent = (
+            basal_latent
+            + self.perturbation_latent(perturbation_index, dose, extra_fingerprints)
+            + self.covariate_latent(covariates)
+        )
+        h = self.decoder_body(latent)
+        if self.likelihood in COUNT_LIKELIHOODS:
+            scale = torch.softmax(self.scale_head(h), dim=-1)
+            rate = library * scale
+            theta = self.log_dispersion.exp()
+            if self.likelihood == "zinb":
+                px = ZeroInflatedNegativeBinomial(
+                    mu=rate, theta=theta, zi_logits=self.dropout_head(h), scale=scale
+                )
+            else:
+                px = NegativeBinomial(mu=rate, theta=theta, scale=scale)
+        else:
+            variance = F.softplus(self.variance_head(h)) + _MIN_VARIANCE
+            px = Normal(self.mean_head(h), variance.sqrt())
+        return {"px": px, "latent": latent}
+
+    # ---------------------------------------------------------------------------- loss
+    def adversary_losses(
+        self, basal_latent: torch.Tensor, tensors: dict
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy of all adversaries on ``basal_latent`` and their accuracies.
+
+        Returns the summed loss (a scalar) and a dict of per-adversary accuracies.
+        """
+        label, _, _ = split_perturbations(tensors[PERTURBATIONS_KEY])
+        targets = [("perturbation", self.perturbation_adversary, label)]
+        covariates = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+        for i, adversary in enumerate(self.covariate_adversaries):
+            targets.append((self.covariate_names[i], adversary, covariates[:, i].long()))
+        total = basal_latent.new_zeros(())
+        accuracy = {}
+        for name, adversary, target in targets:
+            logits = adversary(basal_latent)
+            valid = target != NO_LABEL
+            if not valid.any():
+                continue
+            total = total + F.cross_entropy(logits[valid], target[valid])
+            accuracy[name] = (logits[valid].argmax(-1) == target[valid]).float().mean()
+        return total, accuracy
+
+    def loss(
+        self,
+        tensors: dict,
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        """Negative log-likelihood summed over genes (+ weighted KL), averaged over cells.
+
+        The adversarial terms live in the training plan (:meth:`adversary_losses`).
+        """
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)
+        qz = inference_outputs["qz"]
+        if qz is not None:
+            prior = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))
+            kl = kl_divergence(qz, prior).sum(-1)
+        else:
+            kl = torch.zeros_like(reconstruction)
+        return LossOutput(
+            loss=torch.mean(reconstruction + kl_weight * kl),
+            reconstruction_loss=reconstruction,
+            kl_local=kl,
+        )
+
+    @torch.inference_mode()
+    def sample(self, tensors: dict, n_samples: int = 1) -> torch.Tensor:
+        """Sample expression ``(n_samples, B, G)`` for the registered conditions of ``tensors``."""
+        _, generative_outputs = self.forward(tensors, compute_loss=False)
+        return generative_outputs["px"].sample((n_samples,))

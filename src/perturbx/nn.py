@@ -1,0 +1,207 @@
+"""Building blocks of the PerturbX module: perturbation embeddings, dose responses, adversaries.
+
+Shapes use ``B`` for cells in a minibatch, ``K`` for members of a combination, ``P`` for the
+perturbation vocabulary, ``L`` for the latent size and ``F`` for fingerprint bits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from scvi.nn import FCLayers
+from torch import nn
+
+DoseResponseKind = Literal["logsigm", "sigm", "linear", "mlp", "amortized"]
+DOSE_RESPONSES: tuple[str, ...] = ("logsigm", "sigm", "linear", "mlp", "amortized")
+_MLP_CODE_SIZE = 4  # per-perturbation code fed to the shared dose-response MLP
+
+
+def mlp(n_in: int, n_out: int, n_hidden: int, n_layers: int, dropout_rate: float = 0.0) -> nn.Module:
+    """``n_layers`` hidden layers (Linear → LayerNorm → ReLU → Dropout) and a linear output."""
+    if n_layers == 0:
+        return nn.Linear(n_in, n_out)
+    return nn.Sequential(
+        FCLayers(
+            n_in,
+            n_hidden,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            use_batch_norm=False,
+            use_layer_norm=True,
+        ),
+        nn.Linear(n_hidden, n_out),
+    )
+
+
+class PerturbationEmbedding(nn.Module):
+    """Latent vectors of the perturbation vocabulary.
+
+    Perturbations with a structure are embedded by a trainable MLP of their Morgan
+    fingerprint (the *drug encoder*); the others (genes, drugs without SMILES) by a learned
+    table. Index ``0`` is the empty slot and embeds to zero.
+
+    Parameters
+    ----------
+    fingerprints
+        ``(P, F)`` fingerprints of the vocabulary; rows of perturbations without SMILES are
+        ignored (``has_structure`` is False for them).
+    has_structure
+        ``(P,)`` bool.
+    """
+
+    def __init__(
+        self,
+        fingerprints: torch.Tensor,
+        has_structure: torch.Tensor,
+        n_latent: int,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout_rate: float = 0.0,
+    ):
+        super().__init__()
+        n_vocab, n_bits = fingerprints.shape
+        self.register_buffer("fingerprints", fingerprints.float())
+        self.register_buffer("has_structure", has_structure.bool())
+        self.token_embedding = nn.Embedding(n_vocab + 1, n_latent)
+        nn.init.normal_(self.token_embedding.weight, std=0.1)
+        self.drug_encoder = (
+            mlp(n_bits, n_latent, n_hidden, n_layers, dropout_rate) if has_structure.any() else None
+        )
+
+    @property
+    def n_vocab(self) -> int:
+        return self.fingerprints.shape[0]
+
+    def forward(self, index: torch.Tensor, extra_fingerprints: torch.Tensor | None = None):
+        """Embed vocabulary indices.
+
+        Parameters
+        ----------
+        index
+            Integer tensor of any shape; ``0`` = empty, ``1..P`` = vocabulary,
+            ``P+1..P+Q`` = rows of ``extra_fingerprints`` (molecules not in the vocabulary).
+        extra_fingerprints
+            ``(Q, F)`` fingerprints of query molecules.
+
+        Returns
+        -------
+        ``index.shape + (L,)`` embeddings.
+        """
+        unique, inverse = torch.unique(index, return_inverse=True)
+        # Embed each distinct perturbation of the batch once, then broadcast to cells.
+        table = self.token_embedding(unique.clamp(max=self.n_vocab)).clone()
+        vocab_rows = (unique >= 1) & (unique <= self.n_vocab)
+        structured = torch.zeros_like(unique, dtype=torch.bool)
+        structured[vocab_rows] = self.has_structure[unique[vocab_rows] - 1]
+        extra = unique > self.n_vocab
+        if structured.any() or extra.any():
+            if self.drug_encoder is None:
+                raise ValueError("This model has no drug encoder (it was set up without SMILES).")
+            fps = []
+            if structured.any():
+                fps.append(self.fingerprints[unique[structured] - 1])
+            if extra.any():
+                fps.append(extra_fingerprints[unique[extra] - self.n_vocab - 1])
+            encoded = self.drug_encoder(torch.cat(fps))
+            n_structured = int(structured.sum())
+            table[structured] = encoded[:n_structured]
+            table[extra] = encoded[n_structured:]
+        table = table * (unique != 0).unsqueeze(-1)
+        return table[inverse]
+
+
+class DoseResponse(nn.Module):
+    """Scale factor ``s(d)`` of each perturbation's embedding at dose ``d`` (µM or any unit).
+
+    ``logsigm``: ``sigmoid(a·log1p(d) + b)``; ``sigm``: ``sigmoid(a·d + b)``;
+    ``linear``: ``a·d``; ``mlp``: a shared MLP of ``(log1p(d), code_p)`` with a learned code
+    per perturbation; ``amortized``: ``logsigm`` whose ``(a, b)`` for molecules are computed
+    from the fingerprint, so a molecule never seen in training has a dose response too
+    (perturbations without structure keep learned ``(a, b)``).
+    Parameters of molecules not in the vocabulary, for the non-amortised kinds, are the mean
+    over the vocabulary's molecules.
+    """
+
+    def __init__(
+        self,
+        kind: DoseResponseKind,
+        fingerprints: torch.Tensor,
+        has_structure: torch.Tensor,
+        n_hidden: int = 64,
+    ):
+        super().__init__()
+        if kind not in DOSE_RESPONSES:
+            raise ValueError(f"dose_response={kind!r} is not one of {DOSE_RESPONSES}.")
+        self.kind = kind
+        n_vocab, n_bits = fingerprints.shape
+        n_params = _MLP_CODE_SIZE if kind == "mlp" else (1 if kind == "linear" else 2)
+        init = torch.zeros(n_vocab + 1, n_params)
+        if kind == "linear":
+            init[:, 0] = 1.0
+        elif kind != "mlp":
+            init[:, 0] = 1.0  # slope a; offset b = 0 gives s(0) = 0.5 for sigm, 0.5 for logsigm
+        self.params = nn.Parameter(init)
+        self.register_buffer("has_structure", has_structure.bool())
+        self.shared_mlp = mlp(1 + _MLP_CODE_SIZE, 1, n_hidden, 1) if kind == "mlp" else None
+        self.amortizer = (
+            mlp(n_bits, 2, n_hidden, 1) if kind == "amortized" and has_structure.any() else None
+        )
+        self.register_buffer("fingerprints", fingerprints.float())
+
+    @property
+    def n_vocab(self) -> int:
+        return self.fingerprints.shape[0]
+
+    def parameters_for(self, index: torch.Tensor, extra_fingerprints: torch.Tensor | None = None):
+        """Per-slot dose-response parameters, ``index.shape + (n_params,)``."""
+        n_vocab = self.n_vocab
+        table = self.params
+        extra = index > n_vocab
+        if self.amortizer is not None:
+            rows = torch.nonzero(self.has_structure).squeeze(-1) + 1
+            table = table.clone()
+            table[rows] = self.amortizer(self.fingerprints[rows - 1]) + self._offset()
+        out = table[index.clamp(max=n_vocab)]
+        if extra.any():
+            if self.amortizer is not None and extra_fingerprints is not None:
+                query = self.amortizer(extra_fingerprints) + self._offset()
+            else:
+                molecules = self.has_structure.nonzero().squeeze(-1) + 1
+                pool = table[molecules] if molecules.numel() else table[1:]
+                query = pool.mean(0, keepdim=True).expand(int(index.max()) - n_vocab, -1)
+            out = out.clone()
+            out[extra] = query[index[extra] - n_vocab - 1]
+        return out
+
+    def _offset(self) -> torch.Tensor:
+        # The amortiser predicts deviations from slope 1, offset 0.
+        return torch.tensor([1.0, 0.0], device=self.params.device)
+
+    def forward(self, index: torch.Tensor, dose: torch.Tensor, extra_fingerprints=None):
+        """Scale factors ``(B, K)`` for vocabulary indices and doses of shape ``(B, K)``."""
+        theta = self.parameters_for(index, extra_fingerprints)
+        if self.kind == "linear":
+            scale = theta[..., 0] * dose
+        elif self.kind == "sigm":
+            scale = torch.sigmoid(theta[..., 0] * dose + theta[..., 1])
+        elif self.kind in ("logsigm", "amortized"):
+            scale = torch.sigmoid(theta[..., 0] * torch.log1p(dose) + theta[..., 1])
+        else:
+            features = torch.cat([torch.log1p(dose).unsqueeze(-1), theta], dim=-1)
+            scale = self.shared_mlp(features).squeeze(-1)
+        return scale * (index != 0)
+
+
+class Adversary(nn.Module):
+    """Classifier of a label (perturbation set or covariate) from the basal latent."""
+
+    def __init__(self, n_latent: int, n_classes: int, n_hidden: int = 64, n_layers: int = 3):
+        super().__init__()
+        self.n_classes = n_classes
+        self.net = mlp(n_latent, n_classes, n_hidden, n_layers)
+
+    def forward(self, basal_latent: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, n_classes)``."""
+        return self.net(basal_latent)

@@ -1,0 +1,183 @@
+"""PerturbX model API: outputs, prediction, save/load, determinism, sparse input."""
+
+import tracemalloc
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from perturbx import PerturbX
+
+from _toy import SMALL_ARCH, TOY_SMILES, setup_toy, toy_screen
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = toy_screen()
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH)
+    model.train(max_epochs=2, batch_size=64, seed=0, enable_progress_bar=False)
+    return model, adata
+
+
+def test_history_logs_loss_components(trained):
+    model, _ = trained
+    for key in (
+        "reconstruction_loss_train",
+        "reconstruction_loss_validation",
+        "adversary_loss_train",
+        "adversary_accuracy_perturbation_train",
+        "adversary_accuracy_cell_type_train",
+    ):
+        assert key in model.history, key
+        assert len(model.history[key]) == 2
+
+
+def test_latent_shapes(trained):
+    model, adata = trained
+    basal = model.get_latent_representation()
+    full = model.get_latent_representation(kind="full")
+    assert basal.shape == full.shape == (adata.n_obs, SMALL_ARCH["n_latent"])
+    controls = adata.obs["drug"].to_numpy() == "control"
+    treated = ~controls
+    # Full = basal + embeddings: controls differ only by the covariate embedding, treated more.
+    assert not np.allclose(basal[treated], full[treated])
+
+
+def test_predict_returns_annotated_anndata(trained):
+    model, adata = trained
+    pred = model.predict(
+        target=[{"drug": "aspirin", "dose": 3.0}, {"drug": "aspirin+caffeine", "dose": "1+10", "cell_type": "b"}],
+        n_cells_per_target=20,
+    )
+    assert isinstance(pred, ad.AnnData)
+    assert pred.n_vars == adata.n_vars and list(pred.var_names) == list(adata.var_names)
+    assert pred.n_obs == 40
+    assert set(pred.obs["drug"]) == {"aspirin", "aspirin+caffeine"}
+    combo = pred.obs["drug"] == "aspirin+caffeine"
+    assert set(pred.obs.loc[combo, "dose"]) == {"1.0+10.0"}
+    assert set(pred.obs.loc[combo, "cell_type"]) == {"b"}
+    sources = pred.obs["source_cell"].astype(str)
+    assert set(adata.obs.loc[sources, "drug"]) == {"control"}
+    # covariate restriction: the combination was predicted from controls of cell type b
+    assert set(adata.obs.loc[sources[combo.to_numpy()], "cell_type"]) == {"b"}
+    assert np.all(np.asarray(pred.X) >= 0)
+
+
+def test_predict_differs_by_dose_and_order_pairing(trained):
+    model, _ = trained
+    kw = dict(n_cells_per_target=30, seed=1)
+    ab = model.predict(target={"drug": "aspirin+caffeine", "dose": "1+10"}, **kw).X
+    ba_same = model.predict(target={"drug": "caffeine+aspirin", "dose": "10+1"}, **kw).X
+    ba_swapped = model.predict(target={"drug": "caffeine+aspirin", "dose": "1+10"}, **kw).X
+    np.testing.assert_allclose(ab, ba_same, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ab, ba_swapped)
+
+
+def test_unknown_target_names_known_ones(trained):
+    model, _ = trained
+    with pytest.raises(ValueError, match="aspirinn.*did you mean 'aspirin'"):
+        model.predict(target="aspirinn")
+    with pytest.raises(ValueError, match="cell_type.*'c'"):
+        model.predict(target={"drug": "aspirin", "cell_type": "c"})
+
+
+def test_unseen_molecule_by_smiles(trained):
+    model, _ = trained
+    kw = dict(n_cells_per_target=25, seed=0)
+    ibuprofen = model.predict(target="CC(C)Cc1ccc(cc1)C(C)C(=O)O", **kw)
+    paracetamol = model.predict(target={"drug": "paracetamol", "smiles": "CC(=O)Nc1ccc(O)cc1"}, **kw)
+    assert not np.allclose(ibuprofen.X, paracetamol.X)
+    sim = paracetamol.obs["max_tanimoto_to_training"].iloc[0]
+    assert 0 <= sim < 1
+    assert paracetamol.obs["nearest_training_drug"].iloc[0] in TOY_SMILES
+    # A known molecule given by SMILES maps to its vocabulary entry.
+    by_name = model.predict(target="aspirin", **kw).X
+    by_smiles = model.predict(target={"drug": "x", "smiles": "O=C(O)c1ccccc1OC(C)=O"}, **kw).X
+    np.testing.assert_allclose(by_name, by_smiles, rtol=1e-5)
+    assert model.perturbations == sorted(["KLF1", "aspirin", "caffeine"])  # registry unchanged
+
+
+def test_embeddings_and_dose_response(trained):
+    model, _ = trained
+    emb = model.get_perturbation_embeddings()
+    assert emb.shape == (3, SMALL_ARCH["n_latent"]) and list(emb.index) == model.perturbations
+    scaled = model.get_perturbation_embeddings(doses=2.0)
+    curve = model.get_dose_response("aspirin", [0.0, 2.0, 10.0])
+    np.testing.assert_allclose(scaled.loc["aspirin"], emb.loc["aspirin"] * curve[1], rtol=1e-5)
+    new = model.get_perturbation_embeddings(["CCO", "CCN"])
+    assert not np.allclose(new.iloc[0], new.iloc[1])
+    assert model.get_dose_response("CCO", [0.1, 1, 10]).shape == (3,)
+
+
+def test_reconstruct_is_separate_from_predict(trained):
+    model, adata = trained
+    rec = model.reconstruct(indices=np.arange(10))
+    assert rec.shape == (10, adata.n_vars)
+    assert list(rec.obs["drug"]) == list(adata.obs["drug"].iloc[:10])
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    model, adata = trained
+    target = [{"drug": "caffeine", "dose": 3.0}, {"drug": "CCO"}]
+    before = model.predict(target=target, n_cells_per_target=15)
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = PerturbX.load(tmp_path / "m", adata=adata)
+    after = loaded.predict(target=target, n_cells_per_target=15)
+    np.testing.assert_array_equal(before.X, after.X)
+    assert loaded.perturbations == model.perturbations
+    assert loaded._perturbation_state == model._perturbation_state
+    pd.testing.assert_frame_equal(loaded.history["reconstruction_loss_train"], model.history["reconstruction_loss_train"])
+    np.testing.assert_array_equal(loaded.train_indices, model.train_indices)
+
+
+def test_same_seed_same_model():
+    import scvi
+
+    preds = []
+    for _ in range(2):
+        scvi.settings.seed = 3  # seeds the weight initialisation
+        adata = toy_screen()
+        setup_toy(adata)
+        model = PerturbX(adata, **SMALL_ARCH)
+        model.train(max_epochs=1, batch_size=64, seed=3, enable_progress_bar=False)
+        preds.append(model.predict(target="caffeine", n_cells_per_target=10).X)
+    np.testing.assert_array_equal(preds[0], preds[1])
+
+
+def test_split_key_controls_training_cells():
+    adata = toy_screen()
+    adata.obs["split"] = np.where(adata.obs["drug"] == "caffeine", "test", "train")
+    adata.obs.loc[adata.obs_names[:40], "split"] = "validation"
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH)
+    model.train(max_epochs=1, batch_size=64, split_key="split", enable_progress_bar=False)
+    assert set(adata.obs["split"].iloc[model.train_indices]) == {"train"}
+    assert len(model.validation_indices) == 40
+
+
+def test_sparse_input_is_never_densified():
+    # 100k cells x 20k genes: a dense float32 copy would need 8 GB.
+    n_cells, n_genes = 100_000, 20_000
+    rng = np.random.default_rng(0)
+    rows = np.arange(n_cells)
+    matrix = sparse.csr_matrix(
+        (np.ones(n_cells, np.float32), (rows, rng.integers(0, n_genes, n_cells))),
+        shape=(n_cells, n_genes),
+    )
+    obs = pd.DataFrame(
+        {"drug": rng.choice(["control", "KLF1"], n_cells)}, index=[f"c{i}" for i in rows]
+    )
+    adata = ad.AnnData(matrix, obs=obs)
+    PerturbX.setup_anndata(adata, perturbation_key="drug")
+    tracemalloc.start()
+    model = PerturbX(adata, n_latent=4, n_hidden=8, n_layers=1, adversary_hidden=8, adversary_layers=1)
+    model.train(max_epochs=1, max_steps=3, batch_size=256, enable_progress_bar=False, check_val_every_n_epoch=None)
+    latent = model.get_latent_representation(indices=np.arange(2000), batch_size=500)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert latent.shape == (2000, 4)
+    assert sparse.issparse(adata.X)
+    assert peak < 500 * 2**20, f"peak numpy allocation {peak / 2**20:.0f} MiB"
