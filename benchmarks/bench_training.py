@@ -34,21 +34,29 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def model_flops_per_cell(module: torch.nn.Module, adversary_steps: int) -> float:
-    """Forward+backward FLOPs per cell of one training step (dense layers only)."""
-    autoencoder, adversary = 0, 0
+def model_flops_per_cell(module: torch.nn.Module, adversary_every: int) -> float:
+    """Average training FLOPs per cell (dense layers only).
+
+    Autoencoder steps run the encoder, decoder and adversaries forward and backward
+    (≈ 3× the forward multiply-adds); one in ``adversary_every`` batches is an adversary step:
+    encoder forward only, adversaries forward + backward + the gradient penalty's double
+    backward (≈ 5×). Drug encoders run once per distinct drug in a batch and are left out.
+    """
+    encoder = decoder = adversary = 0
     for name, layer in module.named_modules():
-        if isinstance(layer, torch.nn.Linear):
-            macs = layer.in_features * layer.out_features
-            if "adversary" in name:
-                adversary += macs
-            elif "drug_encoder" in name or "amortizer" in name:
-                continue  # runs once per distinct drug in the batch, not per cell
-            else:
-                autoencoder += macs
-    # autoencoder: fwd + bwd (3x); adversary in the autoencoder step (3x) and in each of its
-    # own steps with the gradient penalty's double backward (~5x).
-    return 2 * (3 * autoencoder + 3 * adversary + 5 * adversary * adversary_steps)
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        macs = layer.in_features * layer.out_features
+        if "adversar" in name:
+            adversary += macs
+        elif name.startswith("encoder"):
+            encoder += macs
+        elif name.startswith(("decoder", "scale_head", "mean_head", "variance_head", "dropout_head")):
+            decoder += macs
+    autoencoder_step = 3 * (encoder + decoder + adversary)
+    adversary_step = encoder + 5 * adversary
+    k = adversary_every
+    return 2 * ((k - 1) * autoencoder_step + adversary_step) / k
 
 
 class EpochTimer(Callback):
@@ -86,7 +94,7 @@ def run(n_cells: int, n_genes: int, batch_size: int, epochs: int, arch: dict, se
     )
     timed = timer.times[1:] if len(timer.times) > 1 else timer.times
     cells_per_s = n_cells * len(timed) / sum(timed)
-    flops = model_flops_per_cell(model.module, adversary_steps=2) * cells_per_s / 1e9
+    flops = model_flops_per_cell(model.module, adversary_every=3) * cells_per_s / 1e9
     return cells_per_s, flops
 
 

@@ -79,7 +79,7 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         n_latent: int = 128,
         n_hidden: int = 256,
         n_layers: int = 3,
-        dropout_rate: float = 0.1,
+        dropout_rate: float = 0.0,
         variational: bool = False,
         dose_response: Literal["amortized", "logsigm", "sigm", "linear", "mlp"] = "amortized",
         drug_encoder_hidden: int = 256,

@@ -14,13 +14,17 @@ class NonFiniteLossError(FloatingPointError):
 class PerturbXTrainingPlan(TrainingPlan):
     """Optimises a :class:`~perturbx.module.PerturbXModule` with adversarial disentanglement.
 
-    Each minibatch makes one autoencoder step, minimising
-    ``reconstruction (+ KL) − λ · adversary cross-entropy(basal latent)``, then
-    ``adversary_steps`` adversary steps on the detached basal latent, minimising
-    ``cross-entropy + gradient_penalty · ‖∂ cross-entropy / ∂ basal‖²``. ``λ`` ramps linearly
-    from 0 to ``adversary_weight`` over ``n_epochs_adversary_warmup`` epochs so that the
-    autoencoder first learns to reconstruct. Autoencoder, dose response and adversaries have
-    separate Adam optimisers and learning rates.
+    Minibatches alternate between two kinds of step. One in every ``adversary_every``
+    batches trains the adversaries on the (detached) basal latent, minimising
+    ``cross-entropy + gradient_penalty · ‖∂ cross-entropy / ∂ basal‖²``; the other batches
+    train the autoencoder, minimising ``reconstruction (+ KL) − λ · adversary cross-entropy``.
+    ``λ`` ramps linearly from 0 to ``adversary_weight`` over ``n_epochs_adversary_warmup``
+    epochs so that the autoencoder first learns to reconstruct. Autoencoder, dose response
+    and adversaries have separate Adam optimisers and learning rates.
+
+    Logged once per epoch (``model.history``): ``reconstruction_loss_{train,validation}``,
+    ``elbo_*``, ``adversary_loss_*``, ``adversary_accuracy_<label>_*`` (on the basal latent;
+    chance level is the frequency of the most common label), ``adversary_lambda``.
 
     Parameters
     ----------
@@ -34,8 +38,8 @@ class PerturbXTrainingPlan(TrainingPlan):
         Adversary optimiser.
     adversary_weight
         Final ``λ``.
-    adversary_steps
-        Adversary updates per minibatch.
+    adversary_every
+        One adversary step every this many minibatches (``2``: strict alternation).
     n_epochs_adversary_warmup
         Epochs over which ``λ`` ramps up (0: full weight from the start).
     gradient_penalty
@@ -57,7 +61,7 @@ class PerturbXTrainingPlan(TrainingPlan):
         adversary_lr: float = 1e-3,
         adversary_weight_decay: float = 1e-5,
         adversary_weight: float = 5.0,
-        adversary_steps: int = 2,
+        adversary_every: int = 3,
         n_epochs_adversary_warmup: int = 5,
         gradient_penalty: float = 1.0,
         gradient_clip_val: float | None = None,
@@ -65,18 +69,22 @@ class PerturbXTrainingPlan(TrainingPlan):
     ):
         kwargs.setdefault("n_epochs_kl_warmup", 10)
         super().__init__(module, lr=lr, weight_decay=weight_decay, **kwargs)
-        if adversary_steps < 0:
-            raise ValueError(f"adversary_steps={adversary_steps} must be >= 0.")
+        if adversary_every < 2:
+            raise ValueError(
+                f"adversary_every={adversary_every} must be >= 2 (one adversary step every "
+                "that many minibatches, autoencoder steps in between)."
+            )
         self.dose_lr = dose_lr
         self.dose_weight_decay = dose_weight_decay
         self.adversary_lr = adversary_lr
         self.adversary_weight_decay = adversary_weight_decay
         self.adversary_weight = adversary_weight
-        self.adversary_steps = adversary_steps
+        self.adversary_every = adversary_every
         self.n_epochs_adversary_warmup = n_epochs_adversary_warmup
         self.gradient_penalty = gradient_penalty
         self.gradient_clip_val = gradient_clip_val
         self.automatic_optimization = False
+        self._sums: dict[str, dict[str, list]] = {"train": {}, "validation": {}}
 
     @property
     def adversary_lambda(self) -> float:
@@ -95,25 +103,45 @@ class PerturbXTrainingPlan(TrainingPlan):
                     "extreme values."
                 )
 
-    def _log_adversary(self, loss: torch.Tensor, accuracy: dict, mode: str, n: int) -> None:
-        self.log(f"adversary_loss_{mode}", loss.detach(), on_epoch=True, on_step=False, batch_size=n)
-        for name, value in accuracy.items():
-            self.log(
-                f"adversary_accuracy_{name}_{mode}", value, on_epoch=True, on_step=False, batch_size=n
-            )
+    # Per-step self.log calls cost more than a small step here; sum tensors and log per epoch.
+    def _accumulate(self, mode: str, n: int, **values: torch.Tensor) -> None:
+        sums = self._sums[mode]
+        for key, value in values.items():
+            total = sums.setdefault(key, [0.0, 0])
+            total[0] = total[0] + value.detach() * n
+            total[1] += n
+
+    def _log_epoch(self, mode: str) -> None:
+        for key, (total, n) in self._sums[mode].items():
+            self.log(f"{key}_{mode}", total / n, prog_bar=key == "loss" and mode == "train")
+        self._sums[mode] = {}
+
+    def _metrics(self, loss_output, adversary_loss, accuracy) -> dict[str, torch.Tensor]:
+        reconstruction = loss_output.reconstruction_loss_sum / loss_output.n_obs_minibatch
+        kl = loss_output.kl_local_sum / loss_output.n_obs_minibatch
+        metrics = {
+            "reconstruction_loss": reconstruction,
+            "kl_local": kl,
+            "elbo": reconstruction + kl,
+            "adversary_loss": adversary_loss,
+        }
+        metrics.update({f"adversary_accuracy_{k}": v for k, v in accuracy.items()})
+        return metrics
 
     def training_step(self, batch, batch_idx):
-        """One autoencoder step, then ``adversary_steps`` adversary steps."""
+        """An adversary step on one in ``adversary_every`` batches, else an autoencoder step."""
         if "kl_weight" in self.loss_kwargs:
             self.loss_kwargs["kl_weight"] = self.kl_weight
         autoencoder_opt, dose_opt, adversary_opt = self.optimizers()
+        if batch_idx % self.adversary_every == 0:
+            self._adversary_step(batch, adversary_opt)
+            return
 
         inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         basal = inference_outputs["basal_latent"]
         adversary_loss, accuracy = self.module.adversary_losses(basal, batch)
         self._check_finite(reconstruction_loss=loss_output.loss, adversary_loss=adversary_loss)
         total = loss_output.loss - self.adversary_lambda * adversary_loss
-
         autoencoder_opt.zero_grad()
         dose_opt.zero_grad()
         self.manual_backward(total)
@@ -121,22 +149,27 @@ class PerturbXTrainingPlan(TrainingPlan):
             self.clip_gradients(autoencoder_opt, gradient_clip_val=self.gradient_clip_val)
         autoencoder_opt.step()
         dose_opt.step()
+        self._accumulate(
+            "train", basal.shape[0], loss=total, **self._metrics(loss_output, adversary_loss, accuracy)
+        )
 
-        basal = basal.detach()
-        for _ in range(self.adversary_steps):
-            basal_input = basal.clone().requires_grad_(True)
-            loss, _ = self.module.adversary_losses(basal_input, batch)
-            (grad,) = torch.autograd.grad(loss, basal_input, create_graph=True)
-            penalty = grad.pow(2).sum(-1).mean()
-            adversary_opt.zero_grad()
-            self.manual_backward(loss + self.gradient_penalty * penalty)
-            adversary_opt.step()
+    def _adversary_step(self, batch, adversary_opt) -> None:
+        with torch.no_grad():
+            inference_inputs = self.module._get_inference_input(batch)
+            basal = self.module.inference(**inference_inputs)["basal_latent"]
+        basal.requires_grad_(True)
+        loss, _ = self.module.adversary_losses(basal, batch)
+        self._check_finite(adversary_loss=loss)
+        (grad,) = torch.autograd.grad(loss, basal, create_graph=True)
+        penalty = grad.pow(2).sum(-1).mean()
+        adversary_opt.zero_grad()
+        self.manual_backward(loss + self.gradient_penalty * penalty)
+        adversary_opt.step()
 
-        n = basal.shape[0]
-        self.log("train_loss", total.detach(), on_epoch=True, on_step=False, prog_bar=True, batch_size=n)
-        self.log("adversary_lambda", self.adversary_lambda, on_epoch=True, on_step=False, batch_size=n)
-        self._log_adversary(adversary_loss, accuracy, "train", n)
-        self.compute_and_log_metrics(loss_output, self.train_metrics, "train")
+    def on_train_epoch_end(self):
+        """Log the epoch means of the training metrics."""
+        self.log("adversary_lambda", self.adversary_lambda)
+        self._log_epoch("train")
 
     def validation_step(self, batch, batch_idx):
         """Reconstruction and adversary metrics on validation cells."""
@@ -145,9 +178,11 @@ class PerturbXTrainingPlan(TrainingPlan):
             inference_outputs["basal_latent"], batch
         )
         n = inference_outputs["basal_latent"].shape[0]
-        self.log("validation_loss", loss_output.loss, on_epoch=True, on_step=False, batch_size=n)
-        self._log_adversary(adversary_loss, accuracy, "validation", n)
-        self.compute_and_log_metrics(loss_output, self.val_metrics, "validation")
+        self._accumulate("validation", n, **self._metrics(loss_output, adversary_loss, accuracy))
+
+    def on_validation_epoch_end(self):
+        """Log the epoch means of the validation metrics."""
+        self._log_epoch("validation")
 
     def configure_optimizers(self):
         """Three Adam optimisers: autoencoder, dose response, adversaries."""

@@ -85,11 +85,14 @@ class EvaluationResult:
 
     def __repr__(self) -> str:
         n_cond = self.per_condition["condition"].nunique()
-        poor = [m for m, ok in self.calibration["well_calibrated"].items() if not ok]
+        if not (self.calibration["n_conditions"] > 0).any():
+            calibrated = "calibration unavailable (no positive control)"
+        else:
+            poor = [m for m, ok in self.calibration["well_calibrated"].items() if not ok]
+            calibrated = f"poorly calibrated metrics: {poor or 'none'}"
         return (
             f"EvaluationResult: {n_cond} conditions x methods {self.methods}; "
-            f"{len(self.metrics)} metrics; normalisation: {self.normalisation}; "
-            f"poorly calibrated: {poor or 'none'}"
+            f"{len(self.metrics)} metrics; normalisation: {self.normalisation}; {calibrated}"
         )
 
 
