@@ -1,13 +1,28 @@
-"""perturbx: predict single-cell responses to perturbations, including unseen molecules."""
+"""perturbx: predict single-cell responses to perturbations, including unseen molecules.
 
+``perturbx.PerturbX`` is the model (scvi-tools); ``perturbx.metrics`` scores anyone's
+predictions without torch; ``perturbx.data`` holds the simulator and the splits;
+``perturbx.datasets`` loads real screens; ``perturbx.plotting`` draws the figures.
+"""
+
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from perturbx import data
-from perturbx.model import PerturbX
 
 try:
     __version__ = version("perturbx")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-__all__ = ["PerturbX", "data", "__version__"]
+_SUBMODULES = ("chem", "data", "datasets", "metrics", "plotting")
+__all__ = ["PerturbX", "__version__", *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    # Lazy: `import perturbx.metrics` must not pull in torch and scvi-tools.
+    if name == "PerturbX":
+        from perturbx.model import PerturbX
+
+        return PerturbX
+    if name in _SUBMODULES:
+        return import_module(f"perturbx.{name}")
+    raise AttributeError(f"module 'perturbx' has no attribute {name!r}")

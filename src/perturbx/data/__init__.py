@@ -1,6 +1,13 @@
 """Data: registration helpers, the drug-screen simulator and out-of-distribution splits."""
 
 from perturbx.data._parsing import format_condition, parse_condition
+from perturbx.data.splits import (
+    SPLIT_VALUES,
+    split_unseen_cell_types,
+    split_unseen_combinations,
+    split_unseen_doses,
+    split_unseen_perturbations,
+)
 from perturbx.data.simulate import (
     builtin_drug_smiles,
     simulate_drug_screen,
@@ -10,6 +17,11 @@ from perturbx.data.simulate import (
 )
 
 __all__ = [
+    "SPLIT_VALUES",
+    "split_unseen_cell_types",
+    "split_unseen_combinations",
+    "split_unseen_doses",
+    "split_unseen_perturbations",
     "builtin_drug_smiles",
     "format_condition",
     "parse_condition",

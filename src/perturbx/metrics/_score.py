@@ -156,6 +156,7 @@ def score(
     de_method: str = "t-test_overestim_var",
     seed: int = 0,
     drf_threshold: float = DEFAULT_DRF_THRESHOLD,
+    centroid_reference: AnnData | None = None,
 ) -> EvaluationResult:
     """Score predictions of any model against real cells, with baselines and calibration.
 
@@ -198,6 +199,11 @@ def score(
         Seed of the half split.
     drf_threshold
         Median DRF below which a metric is flagged as poorly calibrated.
+    centroid_reference
+        Real cells that form ``mu`` instead of ``real`` (e.g. the training cells, when the
+        evaluated conditions were also trained on: their held-out cells in ``real`` are the
+        truth, their training cells in ``centroid_reference`` enter ``mu``). Controls in it
+        are ignored; ``train_perturbations`` then selects among its perturbations.
 
     Returns
     -------
@@ -216,6 +222,11 @@ def score(
     covariate_keys = [covariate_keys] if isinstance(covariate_keys, str) else list(
         covariate_keys)
     baselines = list(baselines)
+    if centroid_reference is not None:
+        real, train_perturbations = _with_centroid_reference(
+            real, centroid_reference, train_perturbations, perturbation_key=perturbation_key,
+            dose_key=dose_key, covariate_keys=covariate_keys, control_value=control_value,
+            layer=layer)
     check_arguments(pred, real, perturbation_key=perturbation_key, dose_key=dose_key,
                     covariate_keys=covariate_keys, method_key=method_key, baselines=baselines,
                     seed=seed)
@@ -441,3 +452,50 @@ def _summary(per_condition: pd.DataFrame, normalised: pd.DataFrame, metrics) -> 
     out = out.sort_values(["method", "metric"], ignore_index=True)
     out["method"], out["metric"] = out["method"].astype(str), out["metric"].astype(str)
     return out
+
+
+_REFERENCE_PREFIX = "reference::"
+
+
+def _with_centroid_reference(real, reference, train_perturbations, *, perturbation_key,
+                             dose_key, covariate_keys, control_value, layer):
+    """Append the reference's perturbed cells to ``real`` under distinct perturbation labels.
+
+    Every member is prefixed (``"A+B"`` → ``"reference::A+reference::B"``) so that the
+    reference conditions can never be mistaken for evaluated ones; they are then the only
+    conditions that form the centroid.
+    """
+    import anndata
+
+    columns = [perturbation_key] + ([dose_key] if dose_key else []) + list(covariate_keys)
+    missing = [c for c in columns if c not in reference.obs.columns]
+    if missing:
+        raise KeyError(f"centroid_reference.obs lacks the column(s) {missing}.")
+    labels = reference.obs[perturbation_key].astype(str)
+    keep = (labels != control_value).to_numpy()
+    if train_perturbations is not None:
+        keep &= labels.isin([str(t) for t in train_perturbations]).to_numpy()
+    if not keep.any():
+        raise ValueError("centroid_reference has no perturbed cells to form the centroid.")
+    ref = reference[keep]
+    obs = ref.obs[columns].copy()
+    for column in columns:
+        if obs[column].dtype.name == "category":
+            obs[column] = obs[column].astype(str)
+    obs[perturbation_key] = [
+        "+".join(_REFERENCE_PREFIX + m for m in label.split("+"))
+        for label in obs[perturbation_key].astype(str)
+    ]
+    obs.index = [f"{_REFERENCE_PREFIX}{i}" for i in range(ref.n_obs)]
+    parts = []
+    for part, part_obs in ((real, real.obs[columns].copy()), (ref, obs)):
+        for column in columns:
+            if part_obs[column].dtype.name == "category":
+                part_obs[column] = part_obs[column].astype(str)
+        x = get_expression(part, layer)
+        item = AnnData(x, obs=part_obs, var=part.var[[]].copy())
+        if layer is not None:
+            item.layers[layer] = x
+        parts.append(item)
+    combined = anndata.concat(parts, join="inner", merge="same")
+    return combined, sorted(set(obs[perturbation_key]))

@@ -1,8 +1,4 @@
-"""Plots for perturbx results, in scanpy style (``ax=``, ``show=``, ``save=``; axes returned).
-
-Each public function draws into a given axes or a new figure, saves it when ``save`` is a
-path, shows it when asked, and returns the axes.
-"""
+"""Grouped bar chart of an evaluation result: :func:`evaluation_summary`."""
 
 from __future__ import annotations
 
@@ -12,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from perturbx.plotting._utils import _finish
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from perturbx.metrics import EvaluationResult
-
-__all__ = ["evaluation_summary"]
 
 _NEGATIVE = "perturbed_centroid"
 _POSITIVE = "interpolated_duplicate"
@@ -31,19 +27,6 @@ def _default_metrics(result: EvaluationResult) -> list[str]:
         "centroid_accuracy", f"overlap_at_{k}", f"direction_agreement_top{k}",
     ]
     return [m for m in wanted if m in result.metrics]
-
-
-def _finish(ax: Axes, show: bool | None, save: str | Path | None) -> Axes:
-    import matplotlib.pyplot as plt
-
-    fig = ax.get_figure()
-    if save is not None:
-        fig.savefig(save, bbox_inches="tight")
-    if show is None:
-        show = save is None and plt.isinteractive()
-    if show:
-        plt.show()
-    return ax
 
 
 def evaluation_summary(
