@@ -51,7 +51,9 @@ def model_flops_per_cell(module: torch.nn.Module, adversary_every: int) -> float
             adversary += macs
         elif name.startswith("encoder"):
             encoder += macs
-        elif name.startswith(("decoder", "scale_head", "mean_head", "variance_head", "dropout_head")):
+        elif name.startswith(
+            ("decoder", "scale_head", "mean_head", "variance_head", "dropout_head")
+        ):
             decoder += macs
     autoencoder_step = 3 * (encoder + decoder + adversary)
     adversary_step = encoder + 5 * adversary
@@ -99,7 +101,9 @@ def run(n_cells: int, n_genes: int, batch_size: int, epochs: int, arch: dict, se
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--n-cells", type=int, default=20_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=3)
@@ -109,22 +113,32 @@ def main() -> None:
 
     arch = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3)
     peak_matmul = matmul_gflops()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"dense matmul {peak_matmul:.0f} GFLOP/s")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"dense matmul {peak_matmul:.0f} GFLOP/s"
+    )
     rows = []
     for batch_size in args.batch_sizes:
         cells_per_s, gflops = run(args.n_cells, args.n_genes, batch_size, args.epochs, arch)
         rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        rows.append({
-            "n_cells": args.n_cells, "n_genes": args.n_genes, "batch_size": batch_size,
-            "cells_per_s": round(cells_per_s), "gflops": round(gflops, 1),
-            "fraction_of_matmul": round(gflops / peak_matmul, 3), "peak_rss_gib": round(rss_gib, 2),
-        })
+        rows.append(
+            {
+                "n_cells": args.n_cells,
+                "n_genes": args.n_genes,
+                "batch_size": batch_size,
+                "cells_per_s": round(cells_per_s),
+                "gflops": round(gflops, 1),
+                "fraction_of_matmul": round(gflops / peak_matmul, 3),
+                "peak_rss_gib": round(rss_gib, 2),
+            }
+        )
         print(rows[-1], flush=True)
     print(f"\n{'batch':>6} {'cells/s':>9} {'GFLOP/s':>8} {'of matmul':>9} {'peak RSS GiB':>12}")
     for r in rows:
-        print(f"{r['batch_size']:>6} {r['cells_per_s']:>9} {r['gflops']:>8} "
-              f"{r['fraction_of_matmul']:>9.1%} {r['peak_rss_gib']:>12}")
+        print(
+            f"{r['batch_size']:>6} {r['cells_per_s']:>9} {r['gflops']:>8} "
+            f"{r['fraction_of_matmul']:>9.1%} {r['peak_rss_gib']:>12}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"matmul_gflops": peak_matmul, "runs": rows}, fh, indent=2)

@@ -19,15 +19,26 @@ def toy_screen(n_cells: int = 600, n_genes: int = 50, seed: int = 0) -> ad.AnnDa
         [drug == "control", drug == "aspirin+caffeine"], ["0", "1.0+10.0"], default="3.0"
     )
     smiles = [
-        "+".join(TOY_SMILES[m] for m in d.split("+")) if d in ("aspirin", "caffeine", "aspirin+caffeine") else ""
+        "+".join(TOY_SMILES[m] for m in d.split("+"))
+        if d in ("aspirin", "caffeine", "aspirin+caffeine")
+        else ""
         for d in drug
     ]
     counts = rng.poisson(2.0, size=(n_cells, n_genes)).astype(np.float32)
     obs = pd.DataFrame(
-        {"drug": drug, "dose": dose, "smiles": smiles, "cell_type": rng.choice(["a", "b"], n_cells)},
+        {
+            "drug": drug,
+            "dose": dose,
+            "smiles": smiles,
+            "cell_type": rng.choice(["a", "b"], n_cells),
+        },
         index=[f"cell{i}" for i in range(n_cells)],
     )
-    return ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    return ad.AnnData(
+        sparse.csr_matrix(counts),
+        obs=obs,
+        var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]),
+    )
 
 
 def setup_toy(adata: ad.AnnData, **kwargs) -> None:

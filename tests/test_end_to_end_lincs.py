@@ -27,7 +27,10 @@ def test_held_out_drugs_are_predicted_and_scored_with_baselines(lincs):
 
     scvi.settings.seed = 0
     PerturbX.setup_anndata(
-        adata, perturbation_key="perturbation", dose_key="dose", smiles_key="smiles",
+        adata,
+        perturbation_key="perturbation",
+        dose_key="dose",
+        smiles_key="smiles",
         control_value="control",
     )
     model = PerturbX(adata, likelihood="gaussian", n_latent=16, n_hidden=64, n_layers=1)

@@ -16,7 +16,12 @@ from perturbx.data import simulate_drug_screen, true_expected_counts, true_log_f
 def screen():
     scvi.settings.seed = 0
     adata = simulate_drug_screen(
-        n_cells=5000, n_genes=200, n_drugs=6, doses=(1.0, 3.0, 10.0), n_affected_genes=25, seed=1,
+        n_cells=5000,
+        n_genes=200,
+        n_drugs=6,
+        doses=(1.0, 3.0, 10.0),
+        n_affected_genes=25,
+        seed=1,
         shared_effect=1.0,  # a systematic response common to all drugs, as in real screens
     )
     rng = np.random.default_rng(0)
@@ -85,18 +90,31 @@ def test_evaluate_separates_model_from_mean_baseline(screen):
     result = model.evaluate(test, n_cells_per_target=200)
     table = result.per_condition
     assert set(table["method"]) == {
-        "PerturbX", "control_mean", "perturbed_centroid", "interpolated_duplicate"
+        "PerturbX",
+        "control_mean",
+        "perturbed_centroid",
+        "interpolated_duplicate",
     }
     median = table.groupby("method")[
-        ["pearson_delta_control", "pearson_delta_control_top20", "pearson_delta_centroid_top20",
-         "weighted_mse", "centroid_accuracy"]
+        [
+            "pearson_delta_control",
+            "pearson_delta_control_top20",
+            "pearson_delta_centroid_top20",
+            "weighted_mse",
+            "centroid_accuracy",
+        ]
     ].median()
     # The mean baseline looks good against the control (on DE genes; all genes are dominated
     # by the noise of ~13 truth cells per condition) but carries no condition signal.
     assert median.loc["perturbed_centroid", "pearson_delta_control_top20"] > 0.6
     assert median.loc["perturbed_centroid", "pearson_delta_control"] > 0.3
-    centroid_vs_centroid = table.loc[table["method"] == "perturbed_centroid", "pearson_delta_centroid"]
+    centroid_vs_centroid = table.loc[
+        table["method"] == "perturbed_centroid", "pearson_delta_centroid"
+    ]
     assert centroid_vs_centroid.isna().all() or centroid_vs_centroid.abs().max() < 1e-6
     assert median.loc["PerturbX", "weighted_mse"] < median.loc["perturbed_centroid", "weighted_mse"]
-    assert median.loc["PerturbX", "centroid_accuracy"] > median.loc["perturbed_centroid", "centroid_accuracy"]
+    assert (
+        median.loc["PerturbX", "centroid_accuracy"]
+        > median.loc["perturbed_centroid", "centroid_accuracy"]
+    )
     assert median.loc["PerturbX", "pearson_delta_centroid_top20"] > 0.3

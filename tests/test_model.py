@@ -8,9 +8,8 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
-from perturbx import PerturbX
-
 from _toy import SMALL_ARCH, TOY_SMILES, setup_toy, toy_screen
+from perturbx import PerturbX
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,10 @@ def test_latent_shapes(trained):
 def test_predict_returns_annotated_anndata(trained):
     model, adata = trained
     pred = model.predict(
-        target=[{"drug": "aspirin", "dose": 3.0}, {"drug": "aspirin+caffeine", "dose": "1+10", "cell_type": "b"}],
+        target=[
+            {"drug": "aspirin", "dose": 3.0},
+            {"drug": "aspirin+caffeine", "dose": "1+10", "cell_type": "b"},
+        ],
         n_cells_per_target=20,
     )
     assert isinstance(pred, ad.AnnData)
@@ -88,7 +90,9 @@ def test_unseen_molecule_by_smiles(trained):
     model, _ = trained
     kw = dict(n_cells_per_target=25, seed=0)
     ibuprofen = model.predict(target="CC(C)Cc1ccc(cc1)C(C)C(=O)O", **kw)
-    paracetamol = model.predict(target={"drug": "paracetamol", "smiles": "CC(=O)Nc1ccc(O)cc1"}, **kw)
+    paracetamol = model.predict(
+        target={"drug": "paracetamol", "smiles": "CC(=O)Nc1ccc(O)cc1"}, **kw
+    )
     assert not np.allclose(ibuprofen.X, paracetamol.X)
     sim = paracetamol.obs["max_tanimoto_to_training"].iloc[0]
     assert 0 <= sim < 1
@@ -129,7 +133,9 @@ def test_save_load_round_trip(trained, tmp_path):
     np.testing.assert_array_equal(before.X, after.X)
     assert loaded.perturbations == model.perturbations
     assert loaded._perturbation_state == model._perturbation_state
-    pd.testing.assert_frame_equal(loaded.history["reconstruction_loss_train"], model.history["reconstruction_loss_train"])
+    pd.testing.assert_frame_equal(
+        loaded.history["reconstruction_loss_train"], model.history["reconstruction_loss_train"]
+    )
     np.testing.assert_array_equal(loaded.train_indices, model.train_indices)
 
 
@@ -173,11 +179,82 @@ def test_sparse_input_is_never_densified():
     adata = ad.AnnData(matrix, obs=obs)
     PerturbX.setup_anndata(adata, perturbation_key="drug")
     tracemalloc.start()
-    model = PerturbX(adata, n_latent=4, n_hidden=8, n_layers=1, adversary_hidden=8, adversary_layers=1)
-    model.train(max_epochs=1, max_steps=3, batch_size=256, enable_progress_bar=False, check_val_every_n_epoch=None)
+    model = PerturbX(
+        adata, n_latent=4, n_hidden=8, n_layers=1, adversary_hidden=8, adversary_layers=1
+    )
+    model.train(
+        max_epochs=1,
+        max_steps=3,
+        batch_size=256,
+        enable_progress_bar=False,
+        check_val_every_n_epoch=None,
+    )
     latent = model.get_latent_representation(indices=np.arange(2000), batch_size=500)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert latent.shape == (2000, 4)
     assert sparse.issparse(adata.X)
     assert peak < 500 * 2**20, f"peak numpy allocation {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "dose_response"),
+    [
+        ("zinb", "logsigm"),
+        ("nb", "sigm"),
+        ("nb", "linear"),
+        ("nb", "mlp"),
+        ("gaussian", "amortized"),
+    ],
+)
+def test_likelihoods_and_dose_responses_train_and_predict(likelihood, dose_response):
+    adata = toy_screen(n_cells=300)
+    if likelihood == "gaussian":
+        adata.X = np.log1p(adata.X.toarray())
+    setup_toy(adata)
+    model = PerturbX(adata, likelihood=likelihood, dose_response=dose_response, **SMALL_ARCH)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert np.isfinite(model.history["reconstruction_loss_train"].to_numpy(dtype=float)).all()
+    low, high = model.get_dose_response("aspirin", [0.1, 100.0])
+    assert np.isfinite([low, high]).all()
+    pred = model.predict(target={"drug": "aspirin", "dose": 3.0}, n_cells_per_target=10)
+    assert np.isfinite(np.asarray(pred.X)).all()
+
+
+def test_sampled_predictions_are_counts_and_seeded(trained):
+    model, _ = trained
+    kw = dict(target="caffeine", n_cells_per_target=20, sample=True)
+    first = np.asarray(model.predict(seed=1, **kw).X)
+    again = np.asarray(model.predict(seed=1, **kw).X)
+    other = np.asarray(model.predict(seed=2, **kw).X)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    np.testing.assert_array_equal(first, np.round(first))
+    assert model.predict(**kw).uns["perturbx_prediction"]["values"] == "samples"
+
+
+def test_load_without_adata_then_predict_on_new_cells(trained, tmp_path):
+    model, adata = trained
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = PerturbX.load(tmp_path / "m")
+    controls = adata[adata.obs["drug"] == "control"].copy()
+    pred = loaded.predict(controls, target="aspirin", n_cells_per_target=5)
+    expected = model.predict(controls.copy(), target="aspirin", n_cells_per_target=5)
+    np.testing.assert_allclose(pred.X, expected.X, rtol=1e-6)
+
+
+def test_load_with_different_genes_is_an_error(trained, tmp_path):
+    model, adata = trained
+    model.save(tmp_path / "m", overwrite=True)
+    with pytest.raises(ValueError):
+        PerturbX.load(tmp_path / "m", adata=adata[:, :-1].copy())
+
+
+def test_negative_counts_rejected():
+    adata = toy_screen(n_cells=100)
+    dense = adata.X.toarray()
+    dense[0, 0] = -1
+    adata.X = dense
+    setup_toy(adata)
+    with pytest.raises(ValueError, match="negative"):
+        PerturbX(adata, likelihood="nb")

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 
+from _toy import TOY_SMILES, setup_toy, toy_screen
 from perturbx import PerturbX
 from perturbx.chem import InvalidSmilesError
 from perturbx.data._fields import OBSM_KEY, split_smiles_combination
 from perturbx.data._parsing import ConditionParseError
-
-from _toy import TOY_SMILES, setup_toy, toy_screen
 
 
 def _set_first(adata, drug, column, value):
@@ -81,11 +80,38 @@ def test_smiles_split_respects_bracket_charges():
         (lambda a: None, {"dose_key": "dosage"}, KeyError, "dose_key='dosage'"),
         (lambda a: None, {"covariate_keys": ["donor"]}, KeyError, "'donor'"),
         (lambda a: None, {"smiles_key": "structure"}, KeyError, "smiles_key='structure'"),
-        (lambda a: a.obs.__setitem__("dose", a.obs["dose"].replace("1.0+10.0", "1.0")), {}, ConditionParseError, "paired"),
-        (lambda a: a.obs.__setitem__("dose", a.obs["dose"].replace("3.0", "-3")), {}, ConditionParseError, "negative"),
-        (lambda a: a.obs.__setitem__("dose", a.obs["dose"].replace("3.0", "three")), {}, ConditionParseError, "'three'"),
-        (lambda a: a.obs.__setitem__("smiles", a.obs["smiles"].str.replace(TOY_SMILES["caffeine"], "C1CC(", regex=False)), {}, InvalidSmilesError, "caffeine.*C1CC\\("),
-        (lambda a: _set_first(a, "caffeine", "smiles", "CCO"), {}, ValueError, "two different SMILES"),
+        (
+            lambda a: a.obs.__setitem__("dose", a.obs["dose"].replace("1.0+10.0", "1.0")),
+            {},
+            ConditionParseError,
+            "paired",
+        ),
+        (
+            lambda a: a.obs.__setitem__("dose", a.obs["dose"].replace("3.0", "-3")),
+            {},
+            ConditionParseError,
+            "negative",
+        ),
+        (
+            lambda a: a.obs.__setitem__("dose", a.obs["dose"].replace("3.0", "three")),
+            {},
+            ConditionParseError,
+            "'three'",
+        ),
+        (
+            lambda a: a.obs.__setitem__(
+                "smiles", a.obs["smiles"].str.replace(TOY_SMILES["caffeine"], "C1CC(", regex=False)
+            ),
+            {},
+            InvalidSmilesError,
+            "caffeine.*C1CC\\(",
+        ),
+        (
+            lambda a: _set_first(a, "caffeine", "smiles", "CCO"),
+            {},
+            ValueError,
+            "two different SMILES",
+        ),
         (lambda a: _set_first(a, "caffeine", "cell_type", np.nan), {}, ValueError, "cell_type"),
     ],
 )

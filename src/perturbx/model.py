@@ -15,12 +15,12 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalJointObsField, LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from perturbx._targets import KEEP_SOURCE, resolve_targets
 from perturbx.chem import MorganFeaturizer, canonical_smiles, nearest_reference
 from perturbx.data._fields import PERTURBATIONS_KEY, PerturbationField
 from perturbx.data._validation import check_expression, check_obs
 from perturbx.module import COUNT_LIKELIHOODS, LIKELIHOODS, PerturbXModule, split_perturbations
 from perturbx.train import PerturbXTrainingPlan
-from perturbx._targets import KEEP_SOURCE, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         adata, loader = self._batches(adata, indices, batch_size)
         out = [self.module(t, compute_loss=False)[1]["px"].mean.cpu().numpy() for t in loader]
         obs = adata.obs.iloc[np.arange(adata.n_obs) if indices is None else np.asarray(indices)]
-        return AnnData(np.concatenate(out).astype(np.float32), obs=obs.copy(), var=adata.var[[]].copy())
+        return AnnData(
+            np.concatenate(out).astype(np.float32), obs=obs.copy(), var=adata.var[[]].copy()
+        )
 
     # --------------------------------------------------------------------- prediction
     def _source_indices(self, adata: AnnData, source) -> np.ndarray:
@@ -355,7 +357,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         source = np.asarray(source)
         if source.dtype == bool:
             if source.shape != (adata.n_obs,):
-                raise ValueError(f"source mask has shape {source.shape}, expected ({adata.n_obs},).")
+                raise ValueError(
+                    f"source mask has shape {source.shape}, expected ({adata.n_obs},)."
+                )
             return np.flatnonzero(source)
         return source.astype(np.int64)
 
@@ -370,7 +374,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
             library.append(inference_outputs["library"])
             cov = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
             n = basal[-1].shape[0]
-            covariates.append(cov.long() if cov is not None else torch.zeros(n, 0, dtype=torch.long))
+            covariates.append(
+                cov.long() if cov is not None else torch.zeros(n, 0, dtype=torch.long)
+            )
         return torch.cat(basal), torch.cat(library), torch.cat(covariates)
 
     def _training_molecules(self) -> tuple[list[str], list[str]]:
@@ -462,7 +468,8 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
                     rows = rows[covariates[rows, c].numpy() == code]
             if len(rows) == 0:
                 raise ValueError(
-                    f"No source cells match the covariates of target {targets.obs.iloc[t].to_dict()}."
+                    "No source cells match the covariates of target "
+                    f"{targets.obs.iloc[t].to_dict()}."
                 )
             if n_cells_per_target is not None and len(rows) > n_cells_per_target:
                 rows = np.sort(rng.choice(rows, n_cells_per_target, replace=False))
@@ -491,7 +498,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
                 obs[key] = value
             for c, key in enumerate(categories):
                 if codes[c] == KEEP_SOURCE:
-                    obs[key] = np.asarray(categories[key], dtype=object)[covariates[rows, c].numpy()]
+                    obs[key] = np.asarray(categories[key], dtype=object)[
+                        covariates[rows, c].numpy()
+                    ]
             obs_blocks.append(obs)
         obs = pd.concat(obs_blocks, ignore_index=True)
         obs = self._annotate_new_molecules(obs, targets, smiles_column)
@@ -511,7 +520,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         }
         return result
 
-    def _annotate_new_molecules(self, obs: pd.DataFrame, targets, smiles_column: str) -> pd.DataFrame:
+    def _annotate_new_molecules(
+        self, obs: pd.DataFrame, targets, smiles_column: str
+    ) -> pd.DataFrame:
         """Tanimoto distance of each target's new molecules to the training drugs."""
         if not targets.new_smiles:
             return obs.drop(columns=[smiles_column])
@@ -566,10 +577,14 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         index, extra = self._resolve_members(perturbations)
         embedding = self.module.perturbation_embedding(index, extra)[:, 0]
         if doses is not None:
-            dose = torch.as_tensor(np.broadcast_to(np.asarray(doses, np.float32), (len(index),)).copy())
+            dose = torch.as_tensor(
+                np.broadcast_to(np.asarray(doses, np.float32), (len(index),)).copy()
+            )
             scale = self.module.dose_response(index, dose.unsqueeze(1), extra)
             embedding = embedding * scale
-        return pd.DataFrame(embedding.cpu().numpy(), index=pd.Index(perturbations, name="perturbation"))
+        return pd.DataFrame(
+            embedding.cpu().numpy(), index=pd.Index(perturbations, name="perturbation")
+        )
 
     @torch.inference_mode()
     def get_dose_response(self, perturbation: str, doses: Sequence[float]) -> np.ndarray:
@@ -582,7 +597,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         self.module.eval()
         index, extra = self._resolve_members([perturbation])
         dose = torch.as_tensor(np.asarray(doses, dtype=np.float32)).reshape(-1, 1)
-        return self.module.dose_response(index.expand(len(dose), 1), dose, extra)[:, 0].cpu().numpy()
+        return (
+            self.module.dose_response(index.expand(len(dose), 1), dose, extra)[:, 0].cpu().numpy()
+        )
 
     # --------------------------------------------------------------------- evaluation
     def evaluate(
@@ -635,8 +652,12 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         covariate_keys = list(self._covariate_categories)
         layer = self.registry["setup_args"]["layer"]
         if self.adata is None:
-            raise ValueError("evaluate needs the model's training AnnData (load the model with adata=).")
-        missing = [k for k in [pkey, dkey, *covariate_keys] if k and k not in adata_eval.obs.columns]
+            raise ValueError(
+                "evaluate needs the model's training AnnData (load the model with adata=)."
+            )
+        missing = [
+            k for k in [pkey, dkey, *covariate_keys] if k and k not in adata_eval.obs.columns
+        ]
         if missing:
             raise KeyError(f"adata_eval.obs lacks the registered column(s) {missing}.")
         is_control = adata_eval.obs[pkey].astype(str).to_numpy() == state["control_value"]
@@ -650,8 +671,10 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         smiles_column = self._smiles_column
         if smiles_column in adata_eval.obs.columns:
             columns.append(smiles_column)
-        targets = adata_eval.obs.loc[~is_control, columns].astype(object).drop_duplicates(
-            subset=[pkey] + ([dkey] if dkey else []) + covariate_keys
+        targets = (
+            adata_eval.obs.loc[~is_control, columns]
+            .astype(object)
+            .drop_duplicates(subset=[pkey] + ([dkey] if dkey else []) + covariate_keys)
         )
         pred = self.predict(
             sources,
@@ -692,4 +715,3 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         packed = torch.from_numpy(np.asarray(self.adata.obsm["_perturbx_perturbations"])[train])
         _, index, _ = split_perturbations(packed)
         return train[(index == 0).all(1).numpy()]
-

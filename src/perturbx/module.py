@@ -118,8 +118,12 @@ class PerturbXModule(BaseModuleClass):
         self.n_latent = n_latent
         self.likelihood = likelihood
         self.variational = variational
-        self.covariate_names = list(covariate_names or [f"covariate_{i}" for i in range(len(n_cats_per_covariate))])
-        self.encoder = mlp(n_genes, n_latent * (2 if variational else 1), n_hidden, n_layers, dropout_rate)
+        self.covariate_names = list(
+            covariate_names or [f"covariate_{i}" for i in range(len(n_cats_per_covariate))]
+        )
+        self.encoder = mlp(
+            n_genes, n_latent * (2 if variational else 1), n_hidden, n_layers, dropout_rate
+        )
         self.decoder_body = FCLayers(
             n_latent,
             n_hidden,
@@ -143,9 +147,14 @@ class PerturbXModule(BaseModuleClass):
         self.covariate_embeddings = nn.ModuleList(
             [nn.Embedding(n, n_latent) for n in n_cats_per_covariate]
         )
-        self.perturbation_adversary = Adversary(n_latent, n_labels, adversary_hidden, adversary_layers)
+        self.perturbation_adversary = Adversary(
+            n_latent, n_labels, adversary_hidden, adversary_layers
+        )
         self.covariate_adversaries = nn.ModuleList(
-            [Adversary(n_latent, n, adversary_hidden, adversary_layers) for n in n_cats_per_covariate]
+            [
+                Adversary(n_latent, n, adversary_hidden, adversary_layers)
+                for n in n_cats_per_covariate
+            ]
         )
 
     # ----------------------------------------------------------------- parameter groups

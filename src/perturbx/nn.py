@@ -17,7 +17,9 @@ DOSE_RESPONSES: tuple[str, ...] = ("logsigm", "sigm", "linear", "mlp", "amortize
 _MLP_CODE_SIZE = 4  # per-perturbation code fed to the shared dose-response MLP
 
 
-def mlp(n_in: int, n_out: int, n_hidden: int, n_layers: int, dropout_rate: float = 0.0) -> nn.Module:
+def mlp(
+    n_in: int, n_out: int, n_hidden: int, n_layers: int, dropout_rate: float = 0.0
+) -> nn.Module:
     """``n_layers`` hidden layers (Linear → LayerNorm → ReLU → Dropout) and a linear output."""
     if n_layers == 0:
         return nn.Linear(n_in, n_out)

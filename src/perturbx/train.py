@@ -150,7 +150,10 @@ class PerturbXTrainingPlan(TrainingPlan):
         autoencoder_opt.step()
         dose_opt.step()
         self._accumulate(
-            "train", basal.shape[0], loss=total, **self._metrics(loss_output, adversary_loss, accuracy)
+            "train",
+            basal.shape[0],
+            loss=total,
+            **self._metrics(loss_output, adversary_loss, accuracy),
         )
 
     def _adversary_step(self, batch, adversary_opt) -> None:

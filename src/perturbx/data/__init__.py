@@ -1,19 +1,19 @@
 """Data: registration helpers, the drug-screen simulator and out-of-distribution splits."""
 
 from perturbx.data._parsing import format_condition, parse_condition
-from perturbx.data.splits import (
-    SPLIT_VALUES,
-    split_unseen_cell_types,
-    split_unseen_combinations,
-    split_unseen_doses,
-    split_unseen_perturbations,
-)
 from perturbx.data.simulate import (
     builtin_drug_smiles,
     simulate_drug_screen,
     true_condition_means,
     true_expected_counts,
     true_log_fold_change,
+)
+from perturbx.data.splits import (
+    SPLIT_VALUES,
+    split_unseen_cell_types,
+    split_unseen_combinations,
+    split_unseen_doses,
+    split_unseen_perturbations,
 )
 
 __all__ = [

@@ -153,7 +153,10 @@ class PerturbationField(BaseAnnDataField):
     is_empty = False
 
     def validate_field(self, adata: AnnData) -> None:
-        for argument, key in (("perturbation_key", self._perturbation_key), ("dose_key", self._dose_key)):
+        for argument, key in (
+            ("perturbation_key", self._perturbation_key),
+            ("dose_key", self._dose_key),
+        ):
             if key is not None and key not in adata.obs.columns:
                 raise KeyError(
                     f"{argument}={key!r} is not a column of adata.obs; available columns: "

@@ -38,7 +38,9 @@ def _parse_doses(dose: object, n_perturbations: int, where: str) -> tuple[float,
     elif isinstance(dose, (int, float, np.integer, np.floating)) and not isinstance(dose, bool):
         values = (float(dose),)
     else:
-        raise ConditionParseError(f"{where}: dose {dose!r} has unsupported type {type(dose).__name__}.")
+        raise ConditionParseError(
+            f"{where}: dose {dose!r} has unsupported type {type(dose).__name__}."
+        )
     if len(values) != n_perturbations:
         raise ConditionParseError(
             f"{where}: dose {dose!r} has {len(values)} value(s) but the perturbation has "
@@ -94,7 +96,9 @@ def parse_condition(
     return tuple(n for n, _ in kept), tuple(d for _, d in kept)
 
 
-def format_condition(names: Sequence[str], doses: Sequence[float], *, control_value: str = "control"):
+def format_condition(
+    names: Sequence[str], doses: Sequence[float], *, control_value: str = "control"
+):
     """Inverse of :func:`parse_condition`: return ``(perturbation, dose)`` strings.
 
     Doses are written with ``repr``-exact float formatting (``"1.0+3.0"``), so that

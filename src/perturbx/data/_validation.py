@@ -61,7 +61,8 @@ def check_obs(adata: AnnData, covariate_keys: Sequence[str]) -> None:
     if not adata.obs_names.is_unique:
         duplicated = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
         raise ValueError(
-            f"adata.obs_names are not unique (e.g. {duplicated}); call adata.obs_names_make_unique()."
+            f"adata.obs_names are not unique (e.g. {duplicated}); "
+            "call adata.obs_names_make_unique()."
         )
     for key in covariate_keys:
         if key not in adata.obs.columns:
