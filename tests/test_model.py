@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import sparse
 
 from _toy import SMALL_ARCH, TOY_SMILES, setup_toy, toy_screen
@@ -258,3 +259,16 @@ def test_negative_counts_rejected():
     setup_toy(adata)
     with pytest.raises(ValueError, match="negative"):
         PerturbX(adata, likelihood="nb")
+
+
+def test_drug_encoder_and_amortised_dose_response_are_trained():
+    adata = toy_screen(n_cells=300)
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH)
+    encoder = model.module.perturbation_embedding.drug_encoder
+    amortizer = model.module.dose_response.amortizer
+    before = [p.detach().clone() for p in [*encoder.parameters(), *amortizer.parameters()]]
+    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    after = [*encoder.parameters(), *amortizer.parameters()]
+    changed = [not torch.equal(b, a.detach()) for b, a in zip(before, after, strict=True)]
+    assert all(changed), "every drug-encoder / amortiser tensor must receive updates"
