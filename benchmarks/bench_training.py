@@ -52,7 +52,7 @@ def model_flops_per_cell(module: torch.nn.Module, adversary_every: int) -> float
         elif name.startswith("encoder"):
             encoder += macs
         elif name.startswith(
-            ("decoder", "scale_head", "mean_head", "variance_head", "dropout_head")
+            ("decoder", "scale_head", "mean_head", "dropout_head")
         ):
             decoder += macs
     autoencoder_step = 3 * (encoder + decoder + adversary)

@@ -144,11 +144,18 @@ def resolve_targets(
                 try:
                     canonical = canonicalize(smi, name)
                 except ValueError:
+                    charged = "[" in str(row[pkey])  # "+" of "[N+]" was read as a combination
                     raise ValueError(
                         f"target row {t}: perturbation {name!r} is not known to the model"
                         f"{close_matches_text(name, vocabulary)} and is not a valid SMILES. "
                         f"Known perturbations: {vocabulary}. Give a new molecule by SMILES "
                         f"(as the perturbation or in a {smiles_column!r} column)."
+                        + (
+                            f" A SMILES with charges such as [N+] must go in the {smiles_column!r}"
+                            " column, because '+' in the perturbation joins combinations."
+                            if charged
+                            else ""
+                        )
                     ) from None
             else:
                 canonical = canonicalize(smi, name)

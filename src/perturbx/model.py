@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Literal
@@ -17,8 +18,19 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from perturbx._targets import KEEP_SOURCE, resolve_targets
 from perturbx.chem import MorganFeaturizer, canonical_smiles, nearest_reference
-from perturbx.data._fields import PERTURBATIONS_KEY, PerturbationField
-from perturbx.data._validation import check_expression, check_obs
+from perturbx.data._fields import (
+    PERTURBATIONS_KEY,
+    PerturbationField,
+    check_registry_state,
+    split_smiles_combination,
+)
+from perturbx.data._validation import (
+    align_genes,
+    check_expression,
+    check_obs,
+    check_same_genes,
+    unchanged_on_error,
+)
 from perturbx.module import COUNT_LIKELIHOODS, LIKELIHOODS, PerturbXModule, split_perturbations
 from perturbx.train import PerturbXTrainingPlan
 
@@ -89,6 +101,7 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         registry: dict | None = None,
     ):
         super().__init__(adata, registry=registry)
+        check_registry_state(self._perturbation_state)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}.")
         if adata is not None:
@@ -140,7 +153,7 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         layer: str | None = None,
         fingerprint_radius: int = 2,
         fingerprint_bits: int = 2048,
-        fingerprint_counts: bool = False,
+        fingerprint_counts: bool = True,
         **kwargs,
     ) -> None:
         """Register an AnnData for PerturbX.
@@ -167,11 +180,34 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         layer
             Layer with the expression; ``None`` uses ``adata.X``.
         fingerprint_radius, fingerprint_bits, fingerprint_counts
-            Morgan fingerprint settings (stored in the registry).
+            Morgan fingerprint settings (stored in the registry). Count vectors (the default)
+            predicted held-out drugs better than bit vectors in
+            ``benchmarks/bench_unseen_drugs.py``.
+
+        Notes
+        -----
+        Invalid input raises ``KeyError`` / ``ValueError`` naming the column, value or
+        argument, and leaves ``adata`` unchanged: missing columns, no control cells (with
+        close matches of ``control_value``), missing (NaN), negative, non-numeric or
+        non-finite doses, dose lists whose length differs from the combination's, doses above
+        :data:`perturbx.data._parsing.MAX_DOSE` (``1e6``; doses are never clamped, larger
+        values are taken as a unit error), missing perturbations or covariates, duplicate
+        obs names, invalid SMILES. Unused categories of categorical columns are harmless:
+        perturbations come from the values present, and an unused covariate category gets an
+        embedding that is never trained (predicting it finds no source cells and says so).
         """
         covariate_keys = list(covariate_keys)
         setup_method_args = cls._get_setup_method_args(**locals())
         check_obs(adata, covariate_keys)
+        clashes = [k for k in covariate_keys if k in (perturbation_key, dose_key, smiles_key)]
+        if clashes:
+            raise ValueError(
+                f"covariate_keys {clashes} repeat the perturbation, dose or SMILES column."
+            )
+        source_registry = kwargs.get("source_registry")
+        if source_registry is not None:  # loading a saved model: its genes, in its order
+            x_state = source_registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
+            check_same_genes(adata, x_state["column_names"])
         featurizer = MorganFeaturizer(fingerprint_radius, fingerprint_bits, fingerprint_counts)
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
@@ -186,7 +222,8 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, covariate_keys or None),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        manager.register_fields(adata, **kwargs)
+        with unchanged_on_error(adata):
+            manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
     @property
@@ -250,13 +287,31 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
             Stop when the validation loss stops improving (scvi/Lightning early stopping).
         plan_kwargs
             Arguments of :class:`perturbx.train.PerturbXTrainingPlan` (learning rates,
-            ``adversary_weight``, ``adversary_steps``, ``n_epochs_adversary_warmup``,
+            ``adversary_weight``, ``adversary_every``, ``n_epochs_adversary_warmup``,
             ``gradient_penalty``, ``gradient_clip_val``, ...).
         seed
             Seeds torch, numpy and the split (``scvi.settings.seed``) for reproducible runs.
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (e.g.
-            ``accelerator``, ``devices``, ``datasplitter_kwargs``, Lightning trainer arguments).
+            ``accelerator``, ``devices``, ``datasplitter_kwargs``, Lightning trainer arguments
+            such as ``callbacks`` or ``ckpt_path``).
+
+        Notes
+        -----
+        Resuming. Calling ``train`` again, also on a model from :meth:`load`, continues from
+        the current weights and appends to ``history``; it starts new optimisers and restarts
+        the adversary and KL warm-ups, and draws a new random split unless ``split_key`` or
+        the same ``seed`` is given. To resume the exact training state (optimiser moments,
+        epoch counter, warm-ups), save a Lightning checkpoint after training with
+        ``model.trainer.save_checkpoint(path)`` and train a model of the same setup with
+        ``ckpt_path=path`` and a larger ``max_epochs``. During training,
+        ``callbacks=[scvi.train.SaveCheckpoint(dirpath, monitor="elbo_validation")]`` keeps
+        the best epoch as a model folder for :meth:`load`.
+
+        Faults. A NaN or infinite loss term stops training with
+        :class:`perturbx.train.NonFiniteLossError` naming the term, epoch and step, before
+        the weights are updated; ``plan_kwargs={"gradient_clip_val": ...}`` clips the
+        autoencoder's gradient norm.
         """
         if seed is not None:
             settings.seed = seed
@@ -292,6 +347,58 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         return indices
 
     # -------------------------------------------------------------------- data access
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
+        """scvi's validation, with genes matched by name and ``adata`` unchanged on error.
+
+        A new AnnData whose genes are the model's in another order (or with extra genes) is
+        replaced by a copy in the model's gene order; missing genes are an error.
+        """
+        if adata is None or adata is self.adata:
+            return super()._validate_anndata(adata, copy_if_view)
+        x_state = self.registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
+        aligned = align_genes(adata, x_state["column_names"])
+        if aligned is not adata:
+            logger.info("Matched the AnnData's genes to the model's by name (a reordered copy).")
+        with unchanged_on_error(aligned):
+            return super()._validate_anndata(aligned, copy_if_view)
+
+    @classmethod
+    def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs) -> PerturbX:
+        """Load a saved model (see :meth:`scvi.model.base.BaseModelClass.load`).
+
+        ``adata`` must have exactly the training genes in the training order. Raises
+        ``ValueError`` if the saved registry comes from an incompatible perturbx version or
+        its fingerprint settings do not reproduce the saved fingerprints.
+        """
+        with unchanged_on_error(adata) if adata is not None else contextlib.nullcontext():
+            try:
+                model = super().load(dir_path, adata=adata, **kwargs)
+            except RuntimeError as error:
+                if "size mismatch" not in str(error):
+                    raise
+                raise ValueError(
+                    f"The weights saved in {dir_path!s} do not fit the model described by its "
+                    "saved registry (vocabulary, fingerprint bits or genes differ); the registry "
+                    "was changed or written by another perturbx version."
+                ) from error
+            model._check_saved_fingerprints()
+        return model
+
+    def _check_saved_fingerprints(self) -> None:
+        """The registry's SMILES and fingerprint settings must reproduce the saved buffer."""
+        state = self._perturbation_state
+        saved = self.module.perturbation_embedding.fingerprints.cpu().numpy()
+        rows = [i for i, smi in enumerate(state["smiles"]) if smi is not None]
+        if not rows:
+            return
+        recomputed = self.featurizer([state["smiles"][i] for i in rows])
+        if not np.array_equal(recomputed, saved[rows]):
+            raise ValueError(
+                f"The saved fingerprint settings {state['fingerprint']} do not reproduce the "
+                "fingerprints the model was trained with; the registry was changed or written "
+                "by another perturbx version, and new molecules would be embedded wrongly."
+            )
+
     def _batches(self, adata: AnnData | None, indices=None, batch_size: int | None = None):
         adata = self._validate_anndata(adata)
         return adata, self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
@@ -412,14 +519,19 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         adata
-            AnnData with the source cells (default: the model's AnnData).
+            AnnData with the source cells (default: the model's AnnData). Its genes are
+            matched to the model's by name (a reordered copy is used if the order differs;
+            extra genes are ignored); missing genes are an error.
         target
             One or several conditions: a perturbation string (``"A+B"``), a dict with the
             registered obs keys (perturbation, dose, covariates, and ``smiles`` for molecules
             not in the training data), a list of those, or a DataFrame with one row per
             target. A target covariate restricts the source cells to that category; without
             it, each source cell keeps its own covariates. New molecules can be given as the
-            perturbation itself (a SMILES string) or in the ``smiles`` column.
+            perturbation itself (a SMILES string) or in the ``smiles`` column. Doses must
+            be finite, non-negative and at most ``1e6`` (not clamped; see
+            :meth:`setup_anndata`). Unknown perturbations or covariate values raise
+            ``ValueError`` with close matches.
         source
             ``"control"``, a boolean mask or integer indices of the source cells.
         n_cells_per_target
@@ -443,7 +555,6 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         ``smiles``, ``max_tanimoto_to_training`` and ``nearest_training_drug``.
         """
         self.module.eval()
-        adata = self._validate_anndata(adata)
         state = self._perturbation_state
         categories = self._covariate_categories
         smiles_column = self._smiles_column
@@ -451,6 +562,8 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         extra = None
         if targets.new_smiles:
             extra = torch.from_numpy(self.featurizer(targets.new_smiles)).to(self.device)
+        # Registered after the targets are checked, so a bad target leaves adata untouched.
+        adata = self._validate_anndata(adata)
         sources = self._source_indices(adata, source)
         basal, library, covariates = self._encode_sources(adata, sources, batch_size)
         if library_size != "observed":
@@ -459,11 +572,10 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
             library = torch.full_like(library, float(library_size))
         rng = np.random.default_rng(seed)
         generator = torch.Generator().manual_seed(seed)
-        blocks, obs_blocks = [], []
+        target_rows = []
         for t in range(len(targets.obs)):
             rows = np.arange(len(sources))
-            codes = targets.covariate_codes[t]
-            for c, code in enumerate(codes):
+            for c, code in enumerate(targets.covariate_codes[t]):
                 if code != KEEP_SOURCE:
                     rows = rows[covariates[rows, c].numpy() == code]
             if len(rows) == 0:
@@ -473,6 +585,12 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
                 )
             if n_cells_per_target is not None and len(rows) > n_cells_per_target:
                 rows = np.sort(rng.choice(rows, n_cells_per_target, replace=False))
+            target_rows.append(rows)
+        # Filled batch by batch: peak memory is the result plus one batch, not twice the result.
+        predicted = np.empty((sum(map(len, target_rows)), adata.n_vars), dtype=np.float32)
+        offset, obs_blocks = 0, []
+        for t, rows in enumerate(target_rows):
+            codes = targets.covariate_codes[t]
             for start in range(0, len(rows), batch_size):
                 chunk = torch.from_numpy(rows[start : start + batch_size])
                 n = len(chunk)
@@ -490,7 +608,8 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
                     values = px.sample()
                 else:
                     values = px.mean
-                blocks.append(values.cpu().numpy().astype(np.float32))
+                predicted[offset : offset + n] = values.cpu().numpy()
+                offset += n
             obs = pd.DataFrame(
                 {"source_cell": adata.obs_names[sources[rows]].to_numpy()},
             )
@@ -508,7 +627,7 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         for key in obs.columns:
             if obs[key].dtype == object:
                 obs[key] = obs[key].astype(str).astype("category")
-        result = AnnData(np.concatenate(blocks), obs=obs, var=adata.var[[]].copy())
+        result = AnnData(predicted, obs=obs, var=adata.var[[]].copy())
         result.uns["perturbx_prediction"] = {
             "likelihood": self.module.likelihood,
             "values": "samples" if sample else "expected",
@@ -532,7 +651,10 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         nearest = nearest_reference(targets.new_smiles, smiles, names)
         similarity = dict(zip(targets.new_smiles, nearest["max_similarity"], strict=True))
         neighbour = dict(zip(targets.new_smiles, nearest["nearest_reference"], strict=True))
-        members = obs[smiles_column].map(lambda s: [m for m in str(s).split("+") if m] if s else [])
+        # Bracket-aware split: charged atoms ("[N+]") contain "+" too.
+        members = obs[smiles_column].map(
+            lambda s: [m for m in split_smiles_combination(str(s)) if m] if s else []
+        )
         # Several new members: report the one farthest from the training drugs.
         farthest = members.map(lambda ms: min(ms, key=similarity.get) if ms else None)
         obs["max_tanimoto_to_training"] = farthest.map(lambda m: similarity.get(m, np.nan))
@@ -660,11 +782,14 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         ]
         if missing:
             raise KeyError(f"adata_eval.obs lacks the registered column(s) {missing}.")
+        check_obs(adata_eval, covariate_keys)
         is_control = adata_eval.obs[pkey].astype(str).to_numpy() == state["control_value"]
         if not (~is_control).any():
             raise ValueError("adata_eval has no perturbed cells to evaluate.")
         if is_control.any():
-            sources = adata_eval[is_control].copy()
+            # Cells and targets in a canonical (name) order: results do not depend on the
+            # order of adata_eval's cells through the seeded subsampling and sampling.
+            sources = adata_eval[np.sort(adata_eval.obs_names[is_control])].copy()
         else:
             sources = self.adata[self._training_control_indices()].copy()
         columns = [pkey] + ([dkey] if dkey else []) + covariate_keys
@@ -676,6 +801,8 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
             .astype(object)
             .drop_duplicates(subset=[pkey] + ([dkey] if dkey else []) + covariate_keys)
         )
+        order = np.argsort(targets.astype(str).agg("|".join, axis=1).to_numpy(), kind="stable")
+        targets = targets.iloc[order]
         pred = self.predict(
             sources,
             target=targets.reset_index(drop=True),

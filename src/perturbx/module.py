@@ -139,7 +139,10 @@ class PerturbXModule(BaseModuleClass):
             self.dropout_head = nn.Linear(n_hidden, n_genes) if likelihood == "zinb" else None
         else:
             self.mean_head = nn.Linear(n_hidden, n_genes)
-            self.variance_head = nn.Linear(n_hidden, n_genes)
+            # Gene-wise variance, like the NB's gene-wise dispersion: a per-cell variance head
+            # learned to mark the (mostly zero) entries with tiny variances and left the mean
+            # flat across cells on log-normalised sparse data.
+            self.log_variance = nn.Parameter(torch.zeros(n_genes))
         self.perturbation_embedding = PerturbationEmbedding(
             fingerprints, has_structure, n_latent, drug_encoder_hidden, drug_encoder_layers
         )
@@ -249,8 +252,8 @@ class PerturbXModule(BaseModuleClass):
                 px = NegativeBinomial(mu=rate, theta=theta)
                 outputs["log_rate"] = log_rate
         else:
-            variance = F.softplus(self.variance_head(h)) + _MIN_VARIANCE
-            px = Normal(self.mean_head(h), variance.sqrt())
+            scale = (self.log_variance.exp() + _MIN_VARIANCE).sqrt()
+            px = Normal(self.mean_head(h), scale.expand(h.shape[0], -1))
         outputs["px"] = px
         return outputs
 

@@ -60,7 +60,7 @@ class PerturbXTrainingPlan(TrainingPlan):
         dose_weight_decay: float = 1e-7,
         adversary_lr: float = 1e-3,
         adversary_weight_decay: float = 1e-5,
-        adversary_weight: float = 5.0,
+        adversary_weight: float = 100.0,
         adversary_every: int = 3,
         n_epochs_adversary_warmup: int = 5,
         gradient_penalty: float = 1.0,
@@ -133,9 +133,10 @@ class PerturbXTrainingPlan(TrainingPlan):
         if "kl_weight" in self.loss_kwargs:
             self.loss_kwargs["kl_weight"] = self.kl_weight
         autoencoder_opt, dose_opt, adversary_opt = self.optimizers()
+        # Steps return their (detached) loss: checkpoint callbacks such as scvi's
+        # SaveCheckpoint read it from the batch outputs.
         if batch_idx % self.adversary_every == 0:
-            self._adversary_step(batch, adversary_opt)
-            return
+            return self._adversary_step(batch, adversary_opt)
 
         inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
         basal = inference_outputs["basal_latent"]
@@ -155,8 +156,9 @@ class PerturbXTrainingPlan(TrainingPlan):
             loss=total,
             **self._metrics(loss_output, adversary_loss, accuracy),
         )
+        return total.detach()
 
-    def _adversary_step(self, batch, adversary_opt) -> None:
+    def _adversary_step(self, batch, adversary_opt) -> torch.Tensor:
         with torch.no_grad():
             inference_inputs = self.module._get_inference_input(batch)
             basal = self.module.inference(**inference_inputs)["basal_latent"]
@@ -168,6 +170,7 @@ class PerturbXTrainingPlan(TrainingPlan):
         adversary_opt.zero_grad()
         self.manual_backward(loss + self.gradient_penalty * penalty)
         adversary_opt.step()
+        return loss.detach()
 
     def on_train_epoch_end(self):
         """Log the epoch means of the training metrics."""

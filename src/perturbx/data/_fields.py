@@ -27,6 +27,45 @@ from perturbx.data._parsing import (
 PERTURBATIONS_KEY = "perturbations"
 OBSM_KEY = "_perturbx_perturbations"
 NO_LABEL = -1
+# Layout of the state registry below. Bump it whenever a key is added, removed or changes
+# meaning, so that a model saved with another layout fails to load with a clear message.
+REGISTRY_VERSION = 1
+_REGISTRY_KEYS = (
+    "perturbation_key",
+    "dose_key",
+    "control_value",
+    "vocabulary",
+    "smiles",
+    "labels",
+    "max_members",
+    "fingerprint",
+)
+_FINGERPRINT_KEYS = ("radius", "n_bits", "counts")
+
+
+def check_registry_state(state: Mapping) -> None:
+    """Raise a clear error if a (saved) perturbation registry has another layout.
+
+    Registries written before versioning carry no ``registry_version`` and are read as
+    version 1 when they have every key of that layout.
+    """
+    version = state.get("registry_version", 1)
+    missing = [k for k in _REGISTRY_KEYS if k not in state]
+    fingerprint = state.get("fingerprint")
+    if isinstance(fingerprint, Mapping):
+        missing += [f"fingerprint.{k}" for k in _FINGERPRINT_KEYS if k not in fingerprint]
+    if version != REGISTRY_VERSION or missing:
+        problem = f"keys {missing} are missing" if missing else f"it has version {version!r}"
+        raise ValueError(
+            "The saved perturbation registry does not match this perturbx version: "
+            f"{problem} (this version reads registry version {REGISTRY_VERSION}). The model "
+            "was saved by another perturbx version; load it with that version, or retrain."
+        )
+    if len(state["smiles"]) != len(state["vocabulary"]):
+        raise ValueError(
+            f"The saved perturbation registry is inconsistent: {len(state['vocabulary'])} "
+            f"perturbations but {len(state['smiles'])} SMILES entries."
+        )
 
 
 def split_smiles_combination(smiles: str) -> list[str]:
@@ -96,7 +135,7 @@ def collect_smiles(
             members = split_smiles_combination(cell)
             if len(members) != len(names):
                 raise ValueError(
-                    f"obs[{smiles_key!r}] value {cell!r} has {len(members)} SMILES but the "
+                    f"obs[{smiles_key!r}] value {str(cell)!r} has {len(members)} SMILES but the "
                     f"perturbation {COMBINATION_SEPARATOR.join(names)!r} has {len(names)} "
                     "member(s); list one SMILES per member, in the same order."
                 )
@@ -196,11 +235,13 @@ class PerturbationField(BaseAnnDataField):
             "labels": labels,
             "max_members": max(len(names) for names, _ in conditions),
             "fingerprint": self._fingerprint_settings,
+            "registry_version": REGISTRY_VERSION,
         }
         adata.obsm[OBSM_KEY] = _encode(conditions, codes, state)
         return state
 
     def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        check_registry_state(state_registry)
         conditions, codes = self._parse(adata_target)
         known = set(state_registry["vocabulary"])
         for names, _ in conditions:

@@ -9,14 +9,20 @@ The control condition is the empty tuple.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Hashable, Sequence
 
 import numpy as np
 import pandas as pd
 
 COMBINATION_SEPARATOR = "+"
+MAX_DOSE = 1e6
+"""Largest accepted dose. Doses are used as given, never clamped: a larger value is almost
+always a unit error (e.g. nM or pM where the rest of the data is in µM), so it is rejected."""
 
 Condition = tuple[tuple[str, ...], tuple[float, ...]]
+# A "+" right after an exponent marker belongs to the number ("1e+03"), not the list.
+_DOSE_SEPARATOR = re.compile(r"(?<![eE])\+")
 
 
 class ConditionParseError(ValueError):
@@ -27,7 +33,7 @@ def _parse_doses(dose: object, n_perturbations: int, where: str) -> tuple[float,
     if dose is None or (isinstance(dose, float) and math.isnan(dose)):
         raise ConditionParseError(f"{where}: the dose is missing (NaN).")
     if isinstance(dose, str):
-        parts = dose.split(COMBINATION_SEPARATOR)
+        parts = _DOSE_SEPARATOR.split(dose)
         try:
             values = tuple(float(p) for p in parts)
         except ValueError:
@@ -51,6 +57,11 @@ def _parse_doses(dose: object, n_perturbations: int, where: str) -> tuple[float,
             raise ConditionParseError(f"{where}: dose {dose!r} is not finite.")
         if v < 0:
             raise ConditionParseError(f"{where}: dose {dose!r} is negative.")
+        if v > MAX_DOSE:
+            raise ConditionParseError(
+                f"{where}: dose {dose!r} exceeds the maximum of {MAX_DOSE:g}; doses are not "
+                "clamped. Rescale the dose column (e.g. nM to µM) so that doses are moderate."
+            )
     return values
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
@@ -56,8 +58,38 @@ def check_expression(adata: AnnData, layer: str | None, counts: bool) -> None:
                 )
 
 
+@contextmanager
+def unchanged_on_error(adata: AnnData) -> Iterator[None]:
+    """Undo additions to ``adata.obs``, ``.obsm`` and ``.uns`` if the block raises.
+
+    scvi-tools registration writes its arrays field by field, so a field that fails after
+    an earlier one succeeded would leave the user's AnnData half-registered. Only references
+    are kept, so this costs no copy of the data.
+    """
+    obs_columns = list(adata.obs.columns)
+    obsm = dict(adata.obsm.items())
+    uns = dict(adata.uns.items())
+    try:
+        yield
+    except BaseException:
+        added = [c for c in adata.obs.columns if c not in obs_columns]
+        if added:
+            adata.obs.drop(columns=added, inplace=True)
+        for key in [k for k in adata.obsm.keys() if k not in obsm]:
+            del adata.obsm[key]
+        for key, value in obsm.items():
+            if adata.obsm.get(key) is not value:
+                adata.obsm[key] = value
+        for key in [k for k in adata.uns.keys() if k not in uns]:
+            del adata.uns[key]
+        adata.uns.update(uns)
+        raise
+
+
 def check_obs(adata: AnnData, covariate_keys: Sequence[str]) -> None:
-    """Unique obs names and present, complete covariate columns."""
+    """Non-empty data, unique obs names and present, complete covariate columns."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"adata is empty ({adata.n_obs} cells × {adata.n_vars} genes).")
     if not adata.obs_names.is_unique:
         duplicated = adata.obs_names[adata.obs_names.duplicated()].unique()[:5].tolist()
         raise ValueError(
@@ -73,3 +105,49 @@ def check_obs(adata: AnnData, covariate_keys: Sequence[str]) -> None:
         if adata.obs[key].isna().any():
             n = int(adata.obs[key].isna().sum())
             raise ValueError(f"obs[{key!r}] (a covariate) has {n} missing value(s).")
+
+
+def _gene_differences(adata: AnnData, genes: pd.Index) -> str:
+    missing = genes.difference(adata.var_names, sort=False)
+    extra = adata.var_names.difference(genes, sort=False)
+    parts = []
+    if len(missing):
+        parts.append(f"lacks {len(missing)} of the model's genes (e.g. {missing[:5].tolist()})")
+    if len(extra):
+        parts.append(f"has {len(extra)} genes the model does not know (e.g. {extra[:5].tolist()})")
+    return " and ".join(parts) or "has the model's genes in a different order"
+
+
+def align_genes(adata: AnnData, genes: Sequence[str]) -> AnnData:
+    """``adata`` with its genes matched by name to the model's ``genes``, in their order.
+
+    Returns ``adata`` itself when the genes already match, else a gene-subset copy (genes
+    the model does not know are dropped). Raises ``ValueError`` naming the missing genes if
+    any of ``genes`` is absent.
+    """
+    genes = pd.Index(genes)
+    if adata.var_names.equals(genes):
+        return adata
+    if len(genes.difference(adata.var_names)):
+        raise ValueError(
+            f"adata {_gene_differences(adata, genes)}; the model needs all {len(genes)} genes "
+            "it was trained on (matched by adata.var_names)."
+        )
+    if not adata.var_names.is_unique:
+        raise ValueError(
+            "adata.var_names are not unique, so genes cannot be matched to the model's by name; "
+            "call adata.var_names_make_unique()."
+        )
+    return adata[:, genes].copy()
+
+
+def check_same_genes(adata: AnnData, genes: Sequence[str]) -> None:
+    """Require ``adata.var_names`` to equal the model's ``genes`` exactly (same order)."""
+    genes = pd.Index(genes)
+    if not adata.var_names.equals(genes):
+        raise ValueError(
+            f"adata {_gene_differences(adata, genes)}. A model can only be loaded with an "
+            "AnnData of exactly its training genes, in the same order: pass "
+            "adata[:, genes].copy() with genes from the saved model (PerturbX.load_registry"
+            "(path)['field_registries']['X']['state_registry']['column_names'])."
+        )
