@@ -15,12 +15,18 @@ import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
-from scvi.nn import FCLayers
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from perturbx.data._fields import NO_LABEL, PERTURBATIONS_KEY
-from perturbx.nn import Adversary, DoseResponse, DoseResponseKind, PerturbationEmbedding, mlp
+from perturbx.nn import (
+    Adversary,
+    DoseResponse,
+    DoseResponseKind,
+    PerturbationEmbedding,
+    hidden_layers,
+    mlp,
+)
 
 Likelihood = Literal["nb", "zinb", "gaussian"]
 LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "gaussian")
@@ -124,15 +130,7 @@ class PerturbXModule(BaseModuleClass):
         self.encoder = mlp(
             n_genes, n_latent * (2 if variational else 1), n_hidden, n_layers, dropout_rate
         )
-        self.decoder_body = FCLayers(
-            n_latent,
-            n_hidden,
-            n_layers=n_layers,
-            n_hidden=n_hidden,
-            dropout_rate=dropout_rate,
-            use_batch_norm=False,
-            use_layer_norm=True,
-        )
+        self.decoder_body = hidden_layers(n_latent, n_hidden, n_layers, dropout_rate)
         if likelihood in COUNT_LIKELIHOODS:
             self.scale_head = nn.Linear(n_hidden, n_genes)
             self.log_dispersion = nn.Parameter(torch.zeros(n_genes))

@@ -17,6 +17,19 @@ DOSE_RESPONSES: tuple[str, ...] = ("logsigm", "sigm", "linear", "mlp", "amortize
 _MLP_CODE_SIZE = 4  # per-perturbation code fed to the shared dose-response MLP
 
 
+def hidden_layers(n_in: int, n_hidden: int, n_layers: int, dropout_rate: float = 0.0) -> FCLayers:
+    """``n_layers`` layers Linear → LayerNorm → ReLU → Dropout, ending at ``n_hidden`` units."""
+    return FCLayers(
+        n_in,
+        n_hidden,
+        n_layers=n_layers,
+        n_hidden=n_hidden,
+        dropout_rate=dropout_rate,
+        use_batch_norm=False,
+        use_layer_norm=True,
+    )
+
+
 def mlp(
     n_in: int,
     n_out: int,
@@ -36,16 +49,7 @@ def mlp(
         net = nn.Linear(n_in, n_out)
     else:
         net = nn.Sequential(
-            FCLayers(
-                n_in,
-                n_hidden,
-                n_layers=n_layers,
-                n_hidden=n_hidden,
-                dropout_rate=dropout_rate,
-                use_batch_norm=False,
-                use_layer_norm=True,
-            ),
-            nn.Linear(n_hidden, n_out),
+            hidden_layers(n_in, n_hidden, n_layers, dropout_rate), nn.Linear(n_hidden, n_out)
         )
     if zero_input_weights:
         first = next(m for m in net.modules() if isinstance(m, nn.Linear))
