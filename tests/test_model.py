@@ -165,6 +165,21 @@ def test_split_key_controls_training_cells():
     assert len(model.validation_indices) == 40
 
 
+@pytest.mark.parametrize("how", ["train_size", "split_key"])
+def test_training_without_validation_cells(how):
+    adata = toy_screen()
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH)
+    if how == "split_key":
+        adata.obs["split"] = "train"
+        model.train(max_epochs=2, batch_size=64, split_key="split", enable_progress_bar=False)
+    else:
+        model.train(max_epochs=2, batch_size=64, train_size=1.0, enable_progress_bar=False)
+    assert len(model.train_indices) == adata.n_obs
+    assert len(model.history["reconstruction_loss_train"]) == 2
+    assert "reconstruction_loss_validation" not in model.history
+
+
 def test_sparse_input_is_never_densified():
     # 100k cells x 20k genes: a dense float32 copy would need 8 GB.
     n_cells, n_genes = 100_000, 20_000

@@ -2,7 +2,9 @@
 
 ``perturbx.PerturbX`` is the model (scvi-tools); ``perturbx.metrics`` scores anyone's
 predictions without torch; ``perturbx.data`` holds the simulator and the splits;
-``perturbx.datasets`` loads real screens; ``perturbx.plotting`` draws the figures.
+``perturbx.datasets`` loads real screens; ``perturbx.plotting`` draws the figures;
+``perturbx.baselines`` holds the linear and additive baselines; ``perturbx.tune`` runs
+hyperparameter searches (optional extra ``perturbx[tune]``).
 """
 
 from importlib import import_module
@@ -13,7 +15,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-_SUBMODULES = ("chem", "data", "datasets", "metrics", "plotting")
+_SUBMODULES = ("baselines", "chem", "data", "datasets", "metrics", "plotting", "tune")
 __all__ = ["PerturbX", "__version__", *_SUBMODULES]
 
 

@@ -18,6 +18,12 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from perturbx._targets import KEEP_SOURCE, resolve_targets
 from perturbx.chem import MorganFeaturizer, canonical_smiles, nearest_reference
+from perturbx.data._backed import (
+    check_minibatch_access,
+    check_not_backed_view,
+    is_on_disk,
+    keep_requested_order,
+)
 from perturbx.data._fields import (
     PERTURBATIONS_KEY,
     PerturbationField,
@@ -32,7 +38,7 @@ from perturbx.data._validation import (
     unchanged_on_error,
 )
 from perturbx.module import COUNT_LIKELIHOODS, LIKELIHOODS, PerturbXModule, split_perturbations
-from perturbx.train import PerturbXTrainingPlan
+from perturbx.train import PerturbXTrainingPlan, resolve_ddp_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +112,7 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}.")
         if adata is not None:
             counts = likelihood in COUNT_LIKELIHOODS
+            check_minibatch_access(adata, self.registry["setup_args"]["layer"])
             check_expression(adata, self.registry["setup_args"]["layer"], counts)
         state = self._perturbation_state
         fingerprints = np.zeros((len(state["vocabulary"]), self.featurizer.n_bits), np.float32)
@@ -162,7 +169,10 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             Cells × genes; raw counts (for ``nb``/``zinb``) or log-normalised (``gaussian``).
-            Sparse matrices stay sparse; only minibatches are densified.
+            Sparse matrices stay sparse; only minibatches are densified. Out of core:
+            an AnnData opened with ``anndata.read_h5ad(path, backed="r")`` (counts in
+            ``X``), or with a layer from ``anndata.io.sparse_dataset`` (HDF5 or zarr), is
+            read minibatch by minibatch (see :mod:`perturbx.data._backed`).
         perturbation_key
             obs column of perturbations; combinations are ``"A+B"``.
         control_value
@@ -198,6 +208,7 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         """
         covariate_keys = list(covariate_keys)
         setup_method_args = cls._get_setup_method_args(**locals())
+        check_not_backed_view(adata, "setup_anndata")
         check_obs(adata, covariate_keys)
         clashes = [k for k in covariate_keys if k in (perturbation_key, dose_key, smiles_key)]
         if clashes:
@@ -290,7 +301,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
             ``adversary_weight``, ``adversary_every``, ``n_epochs_adversary_warmup``,
             ``gradient_penalty``, ``gradient_clip_val``, ...).
         seed
-            Seeds torch, numpy and the split (``scvi.settings.seed``) for reproducible runs.
+            Seeds torch, numpy and the split (``scvi.settings.seed``). The initial weights
+            are drawn when the model is created, so for a fully reproducible run set
+            ``scvi.settings.seed`` before ``PerturbX(adata)`` too.
         **kwargs
             Passed to :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` (e.g.
             ``accelerator``, ``devices``, ``datasplitter_kwargs``, Lightning trainer arguments
@@ -312,16 +325,38 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         :class:`perturbx.train.NonFiniteLossError` naming the term, epoch and step, before
         the weights are updated; ``plan_kwargs={"gradient_clip_val": ...}`` clips the
         autoencoder's gradient norm.
+
+        Several processes (data parallel). ``accelerator="gpu", devices=4`` (or
+        ``accelerator="cpu"``; ``num_nodes=`` for several machines) trains one copy of the
+        model per process on its share of the cells, averaging gradients at every step.
+        Several devices or nodes, ``strategy="ddp"`` and any other DDP strategy name give a
+        ``DDPStrategy(find_unused_parameters=True)`` (see
+        :func:`perturbx.train.resolve_ddp_strategy`); ``..._find_unused_parameters_false`` is
+        an error. Lightning's ``"ddp"`` re-runs the calling script once per extra process, so
+        run it from a script, not a notebook, and keep the script deterministic up to
+        ``train`` (same data, same ``setup_anndata``). ``batch_size`` is per process (the
+        effective batch is ``batch_size × processes``). scvi turns early stopping off under
+        DDP and keeps ``history`` on global rank 0 only (it also writes it to
+        ``lightning_logs/`` in the working directory); :meth:`save` writes on rank 0 only.
         """
         if seed is not None:
             settings.seed = seed
-        kwargs.setdefault("check_val_every_n_epoch", 1)
+        kwargs["strategy"] = resolve_ddp_strategy(
+            kwargs.get("strategy", "auto"),
+            kwargs.get("devices", "auto"),
+            kwargs.get("num_nodes", 1),
+        )
         if split_key is not None:
             kwargs["datasplitter_kwargs"] = {
                 **kwargs.get("datasplitter_kwargs", {}),
                 "external_indexing": self._split_indices(split_key),
             }
             train_size = validation_size = None
+            has_validation = len(kwargs["datasplitter_kwargs"]["external_indexing"][1]) > 0
+        else:
+            has_validation = train_size is None or train_size < 1.0 or bool(validation_size)
+        # Validation metrics every epoch (history), unless there are no validation cells.
+        kwargs.setdefault("check_val_every_n_epoch", 1 if has_validation else None)
         return super().train(
             max_epochs=max_epochs,
             batch_size=batch_size,
@@ -355,12 +390,25 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         """
         if adata is None or adata is self.adata:
             return super()._validate_anndata(adata, copy_if_view)
+        check_not_backed_view(adata, "predict / get_latent_representation / reconstruct")
         x_state = self.registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
         aligned = align_genes(adata, x_state["column_names"])
         if aligned is not adata:
             logger.info("Matched the AnnData's genes to the model's by name (a reordered copy).")
         with unchanged_on_error(aligned):
             return super()._validate_anndata(aligned, copy_if_view)
+
+    def save(self, dir_path: str, *args, **kwargs) -> None:
+        """Save the model (see :meth:`scvi.model.base.BaseModelClass.save`).
+
+        After training on several processes (DDP) every process holds the same weights and
+        runs the same script; only global rank 0 writes, the others return at once (call
+        ``model.trainer.strategy.barrier()`` before another rank reads the folder).
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not trainer.is_global_zero:
+            return
+        super().save(dir_path, *args, **kwargs)
 
     @classmethod
     def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs) -> PerturbX:
@@ -401,7 +449,9 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
 
     def _batches(self, adata: AnnData | None, indices=None, batch_size: int | None = None):
         adata = self._validate_anndata(adata)
-        return adata, self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        # Backed AnnData: scvi sorts each minibatch's cells; give them back in the asked order.
+        return adata, keep_requested_order(loader, adata, indices)
 
     @torch.inference_mode()
     def get_latent_representation(
@@ -724,58 +774,49 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     # --------------------------------------------------------------------- evaluation
-    def evaluate(
+    def predict_conditions(
         self,
         adata_eval: AnnData,
         *,
         n_cells_per_target: int | None = 500,
-        baselines: Sequence[str] = ("control_mean", "perturbed_centroid", "interpolated_duplicate"),
-        top_k: Sequence[int] = (20, 50),
-        method_name: str = "PerturbX",
         seed: int = 0,
         batch_size: int = 1024,
-    ):
-        """Predict every condition of ``adata_eval`` counterfactually and score it with baselines.
+    ) -> AnnData:
+        """Predict every perturbed condition of ``adata_eval`` counterfactually, from controls.
 
         Each non-control condition (perturbation × dose × covariates) of ``adata_eval`` is
         predicted from control cells of matching covariates (those of ``adata_eval``, else
-        the model's training controls) — never by reconstructing its treated cells — and
-        scored with :func:`perturbx.metrics.score` against its real cells, side by side with
-        the baselines. The perturbed centroid is the mean of the *training* conditions of the
-        model's AnnData. With a counts likelihood, predictions are samples from the decoder's
-        distribution (normalised and log-transformed like the real cells).
+        the model's training controls), never by reconstructing its treated cells. With a
+        counts likelihood the predicted cells are samples from the decoder's distribution,
+        so that they carry the same sampling noise as real cells.
 
         Parameters
         ----------
         adata_eval
-            Held-out cells: the conditions to evaluate (and, ideally, held-out controls).
+            Held-out cells: the conditions to predict (and, ideally, held-out controls).
             Perturbations need not be known to the model if they have SMILES in the
             registered SMILES column.
         n_cells_per_target
             Source control cells per predicted condition (seeded subsample).
-        baselines, top_k
-            See :func:`perturbx.metrics.score`.
-        method_name
-            Name of the model's rows in the result.
         seed
-            Seed of the subsampling and of the positive control's half split.
+            Seed of the subsampling and of the sampling.
         batch_size
             Cells per forward pass.
 
         Returns
         -------
-        :class:`perturbx.metrics.EvaluationResult` (``per_condition`` tidy table,
-        ``summary`` median/mean per method, ``calibration``, ``normalised``).
+        AnnData ``(n_conditions × n_source_cells, n_genes)`` as from :meth:`predict`
+        (counts for counts likelihoods, log-normalised values for ``gaussian``; copied to
+        the registered layer too, so that it can be scored like the real cells).
         """
-        from perturbx.metrics import score
-
         state = self._perturbation_state
         pkey, dkey = state["perturbation_key"], state["dose_key"]
         covariate_keys = list(self._covariate_categories)
         layer = self.registry["setup_args"]["layer"]
         if self.adata is None:
             raise ValueError(
-                "evaluate needs the model's training AnnData (load the model with adata=)."
+                "Predicting held-out conditions needs the model's training AnnData (load the "
+                "model with adata=)."
             )
         missing = [
             k for k in [pkey, dkey, *covariate_keys] if k and k not in adata_eval.obs.columns
@@ -787,11 +828,18 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         if not (~is_control).any():
             raise ValueError("adata_eval has no perturbed cells to evaluate.")
         if is_control.any():
+            if adata_eval.isbacked:
+                raise ValueError(
+                    "predict_conditions / evaluate: adata_eval is backed (on disk); its control "
+                    "cells are copied into memory. Pass adata_eval.to_memory() (held-out cells)."
+                )
             # Cells and targets in a canonical (name) order: results do not depend on the
             # order of adata_eval's cells through the seeded subsampling and sampling.
             sources = adata_eval[np.sort(adata_eval.obs_names[is_control])].copy()
+            source_cells = "control"
         else:
-            sources = self.adata[self._training_control_indices()].copy()
+            # The model's own AnnData, cells chosen by index: no copy (it may be on disk).
+            sources, source_cells = self.adata, self._training_control_indices()
         columns = [pkey] + ([dkey] if dkey else []) + covariate_keys
         smiles_column = self._smiles_column
         if smiles_column in adata_eval.obs.columns:
@@ -806,25 +854,83 @@ class PerturbX(UnsupervisedTrainingMixin, BaseModelClass):
         pred = self.predict(
             sources,
             target=targets.reset_index(drop=True),
+            source=source_cells,
             n_cells_per_target=n_cells_per_target,
-            # Counts: score samples, so that predictions and cells share the noise that the
+            # Counts: samples, so that predictions and cells share the noise that the
             # log-normalisation turns into bias (log of a mean != mean of logs).
             sample=self.module.likelihood in COUNT_LIKELIHOODS,
             batch_size=batch_size,
             seed=seed,
         )
-        pred.obs["method"] = method_name
         if layer is not None:
             pred.layers[layer] = pred.X
+        return pred
+
+    def evaluate(
+        self,
+        adata_eval: AnnData,
+        *,
+        n_cells_per_target: int | None = 500,
+        baselines: Sequence[str] = ("control_mean", "perturbed_centroid", "interpolated_duplicate"),
+        top_k: Sequence[int] = (20, 50),
+        method_name: str = "PerturbX",
+        seed: int = 0,
+        batch_size: int = 1024,
+    ):
+        """Predict every condition of ``adata_eval`` counterfactually and score it with baselines.
+
+        The predictions of :meth:`predict_conditions` are scored with
+        :func:`perturbx.metrics.score` against the real cells of ``adata_eval``, side by side
+        with the baselines. The perturbed centroid is the mean of the *training* conditions
+        of the model's AnnData.
+
+        Parameters
+        ----------
+        adata_eval
+            Held-out cells: the conditions to evaluate (and, ideally, held-out controls).
+            Perturbations need not be known to the model if they have SMILES in the
+            registered SMILES column.
+        n_cells_per_target
+            Source control cells per predicted condition (seeded subsample).
+        baselines, top_k
+            See :func:`perturbx.metrics.score`.
+        method_name
+            Name of the model's rows in the result.
+        seed
+            Seed of the subsampling, of the sampling and of the positive control's half split.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        :class:`perturbx.metrics.EvaluationResult` (``per_condition`` tidy table,
+        ``summary`` median/mean per method, ``calibration``, ``normalised``).
+        """
+        from perturbx.metrics import score
+
+        layer = self.registry["setup_args"]["layer"]
+        if self.adata is not None and is_on_disk(self.adata, layer):
+            raise ValueError(
+                "evaluate needs the expression of the model's training cells in memory (their "
+                "condition means form the perturbed centroid), but the model's AnnData is read "
+                "from disk (backed). Use predict_conditions(adata_eval) and "
+                "perturbx.metrics.score(..., centroid_reference=model.adata[cells].to_memory()) "
+                "with a subsample of training cells, or load the model with an in-memory AnnData."
+            )
+        pred = self.predict_conditions(
+            adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
+        )
+        pred.obs["method"] = method_name
+        state = self._perturbation_state
         return score(
             pred,
             adata_eval,
-            perturbation_key=pkey,
+            perturbation_key=state["perturbation_key"],
             control_value=state["control_value"],
-            dose_key=dkey,
-            covariate_keys=covariate_keys,
+            dose_key=state["dose_key"],
+            covariate_keys=list(self._covariate_categories),
             method_key="method",
-            layer=layer,
+            layer=self.registry["setup_args"]["layer"],
             counts=self.module.likelihood in COUNT_LIKELIHOODS,
             top_k=top_k,
             baselines=baselines,

@@ -2,13 +2,121 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
+from torch.nn.parallel import DistributedDataParallel
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite during training."""
+
+
+# Newer torch renames DDP's broadcast_buffers (buffer sync before every forward).
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def _several_processes(devices: Any, num_nodes: int) -> bool:
+    """Whether Lightning's ``devices`` / ``num_nodes`` ask for more than one process."""
+    if num_nodes > 1:
+        return True
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if isinstance(devices, str):
+        if "," in devices:  # "0,1": device indices
+            return len([d for d in devices.split(",") if d.strip()]) > 1
+        if not devices.strip().lstrip("-").isdigit():  # "auto"
+            return False
+        devices = int(devices)
+    return isinstance(devices, int) and (devices > 1 or devices == -1)
+
+
+def resolve_ddp_strategy(strategy: Any = "auto", devices: Any = "auto", num_nodes: int = 1) -> Any:
+    """The Lightning strategy that trains PerturbX correctly on the requested processes.
+
+    Every minibatch leaves some parameters out of the loss: adversary steps use only the
+    adversaries (the basal latent is computed without gradients), autoencoder steps may not
+    reach the dose response (a batch of controls). DDP must therefore look for unused
+    parameters, so the names ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``
+    and their ``_find_unused_parameters_true`` forms all become
+    ``DDPStrategy(find_unused_parameters=True, start_method=...)``, and so does the default
+    ``"auto"`` when several devices or nodes are requested (Lightning would otherwise pick a
+    DDP set-up that fails at the first adversary step). Buffers (drug fingerprints) never
+    change during training, so they are synchronised once, not before every step.
+
+    Parameters
+    ----------
+    strategy
+        A value of the Lightning ``Trainer(strategy=...)`` argument (``None``: ``"auto"``).
+    devices, num_nodes
+        The Lightning ``Trainer`` arguments of the same names.
+
+    Returns
+    -------
+    The strategy to pass to Lightning: a new :class:`~lightning.pytorch.strategies.DDPStrategy`
+    for a DDP name, anything else unchanged.
+
+    Raises
+    ------
+    ValueError
+        For a DDP strategy (name or instance) with ``find_unused_parameters=False``, which
+        fails at the first adversary step.
+    """
+    if strategy is None or strategy == "auto":
+        strategy = "ddp" if _several_processes(devices, num_nodes) else "auto"
+    if isinstance(strategy, DDPStrategy):
+        # DDPStrategy keeps the DistributedDataParallel arguments in _ddp_kwargs.
+        if not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+            raise ValueError(
+                "strategy=DDPStrategy(...) needs find_unused_parameters=True: adversary and "
+                "autoencoder steps each leave some parameters unused. Pass strategy='ddp' to get "
+                "a suitable DDPStrategy."
+            )
+        return strategy
+    if not isinstance(strategy, str) or strategy not in StrategyRegistry:
+        return strategy
+    entry = StrategyRegistry[strategy]
+    if entry["strategy"] is not DDPStrategy:
+        return strategy
+    init_params = dict(entry["init_params"])
+    if init_params.get("find_unused_parameters") is False:
+        raise ValueError(
+            f"strategy={strategy!r} cannot train PerturbX: adversary and autoencoder steps each "
+            "leave some parameters unused. Use strategy='ddp' (PerturbX turns on "
+            "find_unused_parameters itself)."
+        )
+    init_params.update(find_unused_parameters=True, **_NO_BUFFER_SYNC)
+    return DDPStrategy(**init_params)
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average ``params``' gradients over all processes in one all-reduce, as DDP would.
+
+    A parameter without a gradient on a process (an adversary whose labels are all missing
+    from the batch) counts as zero there, like DDP's unused parameters; one without a
+    gradient on every process keeps ``grad = None``, so that every process steps the same
+    parameters.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    has_grad = torch.tensor(
+        [p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device
+    )
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has_grad])
+    torch.distributed.all_reduce(flat)
+    n_with_grad = flat[-len(params) :].tolist()
+    offset = 0
+    for p, n in zip(params, n_with_grad, strict=True):
+        size = p.numel()
+        p.grad = flat[offset : offset + size].view_as(p) / world_size if n else None
+        offset += size
 
 
 class PerturbXTrainingPlan(TrainingPlan):
@@ -25,6 +133,12 @@ class PerturbXTrainingPlan(TrainingPlan):
     Logged once per epoch (``model.history``): ``reconstruction_loss_{train,validation}``,
     ``elbo_*``, ``adversary_loss_*``, ``adversary_accuracy_<label>_*`` (on the basal latent;
     chance level is the frequency of the most common label), ``adversary_lambda``.
+
+    Several processes (DDP, :func:`resolve_ddp_strategy`): every process sees as many
+    batches as the others, so all take the same sequence of adversary / autoencoder steps;
+    autoencoder steps average all gradients through DDP, adversary steps average only the
+    adversaries' (one all-reduce); a non-finite loss on any process stops all of them; the
+    logged epoch means are averaged over processes.
 
     Parameters
     ----------
@@ -94,14 +208,26 @@ class PerturbXTrainingPlan(TrainingPlan):
         return self.adversary_weight * min(1.0, self.current_epoch / self.n_epochs_adversary_warmup)
 
     def _check_finite(self, **terms: torch.Tensor) -> None:
-        for name, value in terms.items():
-            if not torch.isfinite(value).all():
+        bad = [name for name, value in terms.items() if not torch.isfinite(value).all()]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # All processes must stop at the same step: one that raised alone would leave the
+            # others waiting in the next gradient all-reduce.
+            all_finite = self.trainer.strategy.reduce_boolean_decision(not bad, all=True)
+            if all_finite:
+                return
+            if not bad:
                 raise NonFiniteLossError(
-                    f"The {name} became {value.item()} at epoch {self.current_epoch}, step "
-                    f"{self.global_step}. Lower the learning rates (plan_kwargs lr / "
-                    "adversary_lr), set plan_kwargs gradient_clip_val, or check the input for "
-                    "extreme values."
+                    f"A loss term became NaN or infinite on another process at epoch "
+                    f"{self.current_epoch}, step {self.global_step} (see that process's error)."
                 )
+        if bad:
+            name = bad[0]
+            raise NonFiniteLossError(
+                f"The {name} became {terms[name].item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step}. Lower the learning rates (plan_kwargs lr / "
+                "adversary_lr), set plan_kwargs gradient_clip_val, or check the input for "
+                "extreme values."
+            )
 
     # Per-step self.log calls cost more than a small step here; sum tensors and log per epoch.
     def _accumulate(self, mode: str, n: int, **values: torch.Tensor) -> None:
@@ -112,8 +238,16 @@ class PerturbXTrainingPlan(TrainingPlan):
             total[1] += n
 
     def _log_epoch(self, mode: str) -> None:
+        # sync_dist (a no-op on one process) averages the per-process means under DDP. Its
+        # distributed sampler gives every process the same number of cells (padding with a
+        # few repeats), so that is the mean over all cells, and all ranks log the same keys.
         for key, (total, n) in self._sums[mode].items():
-            self.log(f"{key}_{mode}", total / n, prog_bar=key == "loss" and mode == "train")
+            self.log(
+                f"{key}_{mode}",
+                total / n,
+                prog_bar=key == "loss" and mode == "train",
+                sync_dist=True,
+            )
         self._sums[mode] = {}
 
     def _metrics(self, loss_output, adversary_loss, accuracy) -> dict[str, torch.Tensor]:
@@ -168,13 +302,23 @@ class PerturbXTrainingPlan(TrainingPlan):
         (grad,) = torch.autograd.grad(loss, basal, create_graph=True)
         penalty = grad.pow(2).sum(-1).mean()
         adversary_opt.zero_grad()
-        self.manual_backward(loss + self.gradient_penalty * penalty)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Only the adversaries have gradients here, but DDP would all-reduce every
+            # parameter's (zero) gradient: skip its sync and average the adversaries' alone.
+            with self.trainer.strategy.block_backward_sync():
+                self.manual_backward(loss + self.gradient_penalty * penalty)
+            _average_gradients(
+                [p for group in adversary_opt.param_groups for p in group["params"]],
+                self.trainer.world_size,
+            )
+        else:
+            self.manual_backward(loss + self.gradient_penalty * penalty)
         adversary_opt.step()
         return loss.detach()
 
     def on_train_epoch_end(self):
         """Log the epoch means of the training metrics."""
-        self.log("adversary_lambda", self.adversary_lambda)
+        self.log("adversary_lambda", self.adversary_lambda, sync_dist=True)
         self._log_epoch("train")
 
     def validation_step(self, batch, batch_idx):

@@ -8,9 +8,12 @@ from contextlib import contextmanager
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from anndata.abc import CSCDataset, CSRDataset
 from scipy import sparse
 
-_CHUNK_ROWS = 10_000  # bounds memory when scanning dense or backed matrices
+# Values scanned at a time (4 MB of float32): bounds the memory of checking a dense, sparse or
+# backed (on-disk) matrix, whatever its size.
+_CHUNK_VALUES = 1_000_000
 
 
 def expression_matrix(adata: AnnData, layer: str | None):
@@ -25,14 +28,20 @@ def expression_matrix(adata: AnnData, layer: str | None):
 
 
 def _value_chunks(matrix) -> Iterator[np.ndarray]:
-    """The stored values of ``matrix`` in bounded chunks, never densifying a sparse matrix."""
-    if sparse.issparse(matrix):
-        data = matrix.data
-        for start in range(0, data.shape[0], _CHUNK_ROWS * 1000):
-            yield data[start : start + _CHUNK_ROWS * 1000]
+    """The stored values of ``matrix`` in bounded chunks, never densifying a sparse matrix.
+
+    In-memory sparse matrices and backed (on-disk) CSR/CSC datasets are scanned through their
+    stored non-zero values (for a backed one, read from disk chunk by chunk); dense and
+    backed dense (``h5py.Dataset``) matrices in blocks of rows.
+    """
+    if sparse.issparse(matrix) or isinstance(matrix, CSRDataset | CSCDataset):
+        data = matrix.data if sparse.issparse(matrix) else matrix.group["data"]
+        for start in range(0, data.shape[0], _CHUNK_VALUES):
+            yield np.asarray(data[start : start + _CHUNK_VALUES])
         return
-    for start in range(0, matrix.shape[0], _CHUNK_ROWS):
-        block = matrix[start : start + _CHUNK_ROWS]
+    n_rows = max(1, _CHUNK_VALUES // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], n_rows):
+        block = matrix[start : start + n_rows]
         yield block.toarray() if sparse.issparse(block) else np.asarray(block)
 
 
@@ -137,6 +146,12 @@ def align_genes(adata: AnnData, genes: Sequence[str]) -> AnnData:
         raise ValueError(
             "adata.var_names are not unique, so genes cannot be matched to the model's by name; "
             "call adata.var_names_make_unique()."
+        )
+    if adata.isbacked:  # a reordered copy would be read into memory
+        raise ValueError(
+            f"adata is backed (on disk) and {_gene_differences(adata, genes)}; its genes cannot "
+            "be reordered without reading it into memory. Write a file with exactly the "
+            "model's genes in the model's order, or pass adata[:, genes].to_memory()."
         )
     return adata[:, genes].copy()
 

@@ -1,0 +1,264 @@
+"""Feature-based reference predictors: a linear (ridge) baseline and the additive baseline.
+
+Both predict the pseudobulk mean of a condition in log-normalised space (as
+:func:`perturbx.metrics.pseudobulk`) from the measured means of the *training* cells, and
+return one row per target condition, ready for :func:`perturbx.metrics.score` next to a
+model's predictions (``method_key``). The baselines without features (control mean,
+perturbed centroid, interpolated duplicate) live in :mod:`perturbx.metrics`.
+
+* :func:`linear_baseline` regresses each training condition's delta against its controls
+  (same covariates) on the features of its perturbations with ridge regression, then
+  predicts ``control + delta`` for new conditions. With fingerprints as features it
+  predicts drugs never seen in training; doses enter as ``features × log10(1 + dose)``.
+* :func:`additive_baseline` predicts a combination as the control plus the sum of its
+  members' measured single deltas (at the same doses and covariates). It is known to be hard
+  to beat on combinatorial genetic screens (Ahlmann-Eltze, Huber & Anders, 2025).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from sklearn.linear_model import RidgeCV
+
+from perturbx.data._parsing import format_condition, parse_condition
+from perturbx.metrics._pseudobulk import (
+    DEFAULT_TARGET_SUM,
+    condition_table,
+    get_expression,
+    group_means,
+    log_normalise,
+)
+
+#: Ridge penalties searched by efficient leave-one-out cross-validation.
+DEFAULT_ALPHAS = tuple(np.logspace(-2, 5, 15))
+
+
+class _TrainingMeans:
+    """Per-condition means of the training cells, keyed by ``(covariates, names, doses)``."""
+
+    def __init__(self, train, *, perturbation_key, dose_key, covariate_keys, control_value,
+                 layer, counts, target_sum):
+        table, codes = condition_table(
+            train.obs, perturbation_key=perturbation_key, dose_key=dose_key,
+            covariate_keys=covariate_keys, control_value=control_value, dataset="train",
+        )
+        matrix, _ = log_normalise(
+            get_expression(train, layer), counts=counts, target_sum=target_sum
+        )
+        means, _ = group_means(matrix, codes, len(table))
+        self.means = dict(zip(table["key"], means, strict=True))
+        self.controls = {
+            key[0]: self.means[key] for key in table.loc[table["is_control"], "key"]
+        }
+
+    def control(self, covariates: tuple, target: str) -> np.ndarray:
+        if covariates not in self.controls:
+            raise ValueError(
+                f"No training control cells with covariates {covariates} for target {target!r}."
+            )
+        return self.controls[covariates]
+
+
+def _target_keys(targets: pd.DataFrame, perturbation_key, dose_key, covariate_keys,
+                 control_value) -> list[tuple]:
+    missing = [k for k in [perturbation_key, dose_key, *covariate_keys] if k and k not in targets]
+    if missing:
+        raise KeyError(f"targets lack the column(s) {missing}.")
+    keys = []
+    for _, row in targets.iterrows():
+        names, doses = parse_condition(
+            row[perturbation_key], row[dose_key] if dose_key else None,
+            control_value=control_value, where="targets",
+        )
+        if not names:
+            raise ValueError("targets contain a control row; baselines predict perturbations.")
+        pairs = sorted(zip(names, doses, strict=True))
+        keys.append((
+            tuple(str(row[k]) for k in covariate_keys),
+            tuple(n for n, _ in pairs),
+            tuple(d for _, d in pairs),
+        ))
+    return keys
+
+
+def _as_anndata(rows, keys, var_names, *, perturbation_key, dose_key, covariate_keys,
+                control_value, method) -> AnnData:
+    records = []
+    for covariates, names, doses in keys:
+        perturbation, dose = format_condition(names, doses, control_value=control_value)
+        record = {perturbation_key: perturbation}
+        if dose_key:
+            record[dose_key] = dose
+        record.update(dict(zip(covariate_keys, covariates, strict=True)))
+        record["method"] = method
+        records.append(record)
+    obs = pd.DataFrame(records, index=[f"{method}_{i}" for i in range(len(records))])
+    out = AnnData(np.vstack(rows), obs=obs, var=pd.DataFrame(index=var_names.copy()))
+    out.uns["normalisation"] = "pseudobulk means, log-normalised"
+    return out
+
+
+def linear_baseline(
+    train: AnnData,
+    targets: pd.DataFrame,
+    features: Mapping[str, np.ndarray],
+    *,
+    perturbation_key: str,
+    dose_key: str | None = None,
+    covariate_keys: Sequence[str] = (),
+    control_value: str = "control",
+    layer: str | None = None,
+    counts: bool | None = None,
+    target_sum: float = DEFAULT_TARGET_SUM,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    method: str = "linear",
+) -> AnnData:
+    """Ridge regression from perturbation features to the delta against the controls.
+
+    A condition's feature vector is the sum over its members ``m`` at doses ``d`` of
+    ``[f_m, f_m · log10(1 + d)]`` (without a dose key: ``f_m``). For each covariate group,
+    ridge regression (penalty chosen by leave-one-out cross-validation among ``alphas``)
+    maps it to ``mean(condition) - mean(controls)`` over the training conditions whose
+    members all have features; a target's prediction is its group's control mean plus the
+    predicted delta.
+
+    Parameters
+    ----------
+    train
+        Training cells: controls and perturbed conditions (cells × genes).
+    targets
+        One row per condition to predict, with the perturbation, dose and covariate columns.
+    features
+        Feature vector ``(n_features,)`` of each perturbation name (e.g. Morgan
+        fingerprints of the drugs). Every member of every target needs one.
+    perturbation_key, dose_key, covariate_keys, control_value
+        ``obs`` columns and control label (also the columns of ``targets``).
+    layer, counts, target_sum
+        Expression of ``train`` (see :func:`perturbx.metrics.log_normalise`).
+    alphas
+        Candidate ridge penalties.
+    method
+        Value of ``obs["method"]`` of the result.
+
+    Returns
+    -------
+    AnnData ``(n_targets, n_genes)``: predicted log-normalised means, ``obs`` with the
+    condition columns and ``method``.
+    """
+    covariate_keys = list(covariate_keys)
+    keys = _target_keys(targets, perturbation_key, dose_key, covariate_keys, control_value)
+    lacking = sorted({n for _, names, _ in keys for n in names if n not in features})
+    if lacking:
+        raise ValueError(f"features has no vector for the target perturbation(s) {lacking}.")
+    dims = {np.asarray(v).shape for v in features.values()}
+    if len(dims) != 1 or len(next(iter(dims))) != 1:
+        raise ValueError(f"features must be 1-D vectors of one length; got shapes {dims}.")
+    means = _TrainingMeans(
+        train, perturbation_key=perturbation_key, dose_key=dose_key,
+        covariate_keys=covariate_keys, control_value=control_value, layer=layer,
+        counts=counts, target_sum=target_sum,
+    )
+
+    def design(names, doses) -> np.ndarray:
+        parts = []
+        for name, dose in zip(names, doses, strict=True):
+            f = np.asarray(features[name], dtype=np.float64)
+            parts.append(np.concatenate([f, f * np.log10(1.0 + dose)]) if dose_key else f)
+        return np.sum(parts, axis=0)
+
+    rows = []
+    models: dict[tuple, RidgeCV] = {}
+    for covariates, names, doses in keys:
+        label = "+".join(names)
+        control = means.control(covariates, label)
+        if covariates not in models:
+            train_keys = [
+                k for k in means.means
+                if k[0] == covariates and k[1] and all(n in features for n in k[1])
+            ]
+            if len(train_keys) < 2:
+                raise ValueError(
+                    f"Fewer than 2 training conditions with features for covariates "
+                    f"{covariates}; cannot fit the linear baseline for {label!r}."
+                )
+            x = np.stack([design(k[1], k[2]) for k in train_keys])
+            y = np.stack([means.means[k] - control for k in train_keys])
+            models[covariates] = RidgeCV(alphas=alphas).fit(x, y)
+        delta = models[covariates].predict(design(names, doses)[None, :])[0]
+        rows.append(control + delta)
+    return _as_anndata(
+        rows, keys, train.var_names, perturbation_key=perturbation_key, dose_key=dose_key,
+        covariate_keys=covariate_keys, control_value=control_value, method=method,
+    )
+
+
+def additive_baseline(
+    train: AnnData,
+    targets: pd.DataFrame,
+    *,
+    perturbation_key: str,
+    dose_key: str | None = None,
+    covariate_keys: Sequence[str] = (),
+    control_value: str = "control",
+    layer: str | None = None,
+    counts: bool | None = None,
+    target_sum: float = DEFAULT_TARGET_SUM,
+    method: str = "additive",
+) -> AnnData:
+    """Control plus the sum of the members' measured single deltas.
+
+    ``A+B`` at doses ``(a, b)`` with covariates ``c`` is predicted as
+    ``control_c + (mean(A at a, c) - control_c) + (mean(B at b, c) - control_c)``, all
+    measured on the training cells in log-normalised space.
+
+    Parameters
+    ----------
+    train
+        Training cells with the controls and every member measured alone.
+    targets
+        One row per combination to predict (perturbation, dose and covariate columns).
+    perturbation_key, dose_key, covariate_keys, control_value
+        ``obs`` columns and control label (also the columns of ``targets``).
+    layer, counts, target_sum
+        Expression of ``train`` (see :func:`perturbx.metrics.log_normalise`).
+    method
+        Value of ``obs["method"]`` of the result.
+
+    Returns
+    -------
+    AnnData ``(n_targets, n_genes)`` of predicted log-normalised means.
+
+    Raises
+    ------
+    ValueError
+        If a member was not measured alone at the target's dose and covariates.
+    """
+    covariate_keys = list(covariate_keys)
+    keys = _target_keys(targets, perturbation_key, dose_key, covariate_keys, control_value)
+    means = _TrainingMeans(
+        train, perturbation_key=perturbation_key, dose_key=dose_key,
+        covariate_keys=covariate_keys, control_value=control_value, layer=layer,
+        counts=counts, target_sum=target_sum,
+    )
+    rows = []
+    for covariates, names, doses in keys:
+        label = "+".join(names)
+        control = means.control(covariates, label)
+        delta = np.zeros_like(control)
+        for name, dose in zip(names, doses, strict=True):
+            single = (covariates, (name,), (dose,))
+            if single not in means.means:
+                raise ValueError(
+                    f"{name!r} at dose {dose:g} with covariates {covariates} is not measured "
+                    f"alone in train; the additive baseline cannot predict {label!r}."
+                )
+            delta += means.means[single] - control
+        rows.append(control + delta)
+    return _as_anndata(
+        rows, keys, train.var_names, perturbation_key=perturbation_key, dose_key=dose_key,
+        covariate_keys=covariate_keys, control_value=control_value, method=method,
+    )
