@@ -165,6 +165,22 @@ def test_split_key_controls_training_cells():
     assert len(model.validation_indices) == 40
 
 
+def test_predict_conditions_predicts_each_perturbed_condition_from_controls(trained):
+    model, adata = trained
+    held = adata[adata.obs["drug"].isin(["control", "caffeine", "aspirin+caffeine"])].copy()
+    pred = model.predict_conditions(held, n_cells_per_target=7, seed=0)
+    conditions = held.obs.loc[held.obs["drug"] != "control", ["drug", "dose", "cell_type"]]
+    expected = conditions.drop_duplicates().astype(str)
+    got = pred.obs[["drug", "dose", "cell_type"]].astype(str).drop_duplicates()
+    assert len(got) == len(expected) == 4  # two perturbations x two cell types
+    assert set(map(tuple, got.to_numpy())) == set(map(tuple, expected.to_numpy()))
+    assert pred.n_obs == 4 * 7
+    # sources are controls of the same cell type, held out (not the treated cells)
+    sources = pred.obs["source_cell"].astype(str)
+    assert set(sources) <= set(held.obs_names[held.obs["drug"] == "control"])
+    assert (held.obs.loc[sources, "cell_type"].to_numpy() == pred.obs["cell_type"].to_numpy()).all()
+
+
 @pytest.mark.parametrize("how", ["train_size", "split_key"])
 def test_training_without_validation_cells(how):
     adata = toy_screen()

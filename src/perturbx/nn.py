@@ -36,25 +36,13 @@ def mlp(
     n_hidden: int,
     n_layers: int,
     dropout_rate: float = 0.0,
-    zero_input_weights: bool = False,
 ) -> nn.Module:
-    """``n_layers`` hidden layers (Linear → LayerNorm → ReLU → Dropout) and a linear output.
-
-    ``zero_input_weights``: start the weights of the first layer at zero. For sparse inputs
-    such as fingerprints, a feature that is zero in every training input then keeps weight
-    zero (its gradient is zero), so it adds nothing to the output for a new input that has
-    it, rather than the noise of its never-corrected random initial weights.
-    """
+    """``n_layers`` hidden layers (Linear → LayerNorm → ReLU → Dropout) and a linear output."""
     if n_layers == 0:
-        net = nn.Linear(n_in, n_out)
-    else:
-        net = nn.Sequential(
-            hidden_layers(n_in, n_hidden, n_layers, dropout_rate), nn.Linear(n_hidden, n_out)
-        )
-    if zero_input_weights:
-        first = next(m for m in net.modules() if isinstance(m, nn.Linear))
-        nn.init.zeros_(first.weight)
-    return net
+        return nn.Linear(n_in, n_out)
+    return nn.Sequential(
+        hidden_layers(n_in, n_hidden, n_layers, dropout_rate), nn.Linear(n_hidden, n_out)
+    )
 
 
 class PerturbationEmbedding(nn.Module):
@@ -73,9 +61,6 @@ class PerturbationEmbedding(nn.Module):
         ``(P,)`` bool.
     n_latent, n_hidden, n_layers, dropout_rate
         Embedding size and the drug encoder's width, depth and dropout.
-    zero_input_weights
-        Start the drug encoder's first-layer weights at zero, so that fingerprint bits seen
-        in no training molecule add nothing to a new molecule's embedding (see :func:`mlp`).
     """
 
     def __init__(
@@ -86,7 +71,6 @@ class PerturbationEmbedding(nn.Module):
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout_rate: float = 0.0,
-        zero_input_weights: bool = False,
     ):
         super().__init__()
         n_vocab, n_bits = fingerprints.shape
@@ -95,7 +79,7 @@ class PerturbationEmbedding(nn.Module):
         self.token_embedding = nn.Embedding(n_vocab + 1, n_latent)
         nn.init.normal_(self.token_embedding.weight, std=0.1)
         self.drug_encoder = (
-            mlp(n_bits, n_latent, n_hidden, n_layers, dropout_rate, zero_input_weights)
+            mlp(n_bits, n_latent, n_hidden, n_layers, dropout_rate)
             if has_structure.any()
             else None
         )
@@ -151,8 +135,7 @@ class DoseResponse(nn.Module):
     from the fingerprint, so a molecule never seen in training has a dose response too
     (perturbations without structure keep learned ``(a, b)``).
     Parameters of molecules not in the vocabulary, for the non-amortised kinds, are the mean
-    over the vocabulary's molecules. ``zero_input_weights``: start the amortiser's first-layer
-    weights at zero (see :func:`mlp`).
+    over the vocabulary's molecules.
     """
 
     def __init__(
@@ -161,7 +144,6 @@ class DoseResponse(nn.Module):
         fingerprints: torch.Tensor,
         has_structure: torch.Tensor,
         n_hidden: int = 64,
-        zero_input_weights: bool = False,
     ):
         super().__init__()
         if kind not in DOSE_RESPONSES:
@@ -178,7 +160,7 @@ class DoseResponse(nn.Module):
         self.register_buffer("has_structure", has_structure.bool())
         self.shared_mlp = mlp(1 + _MLP_CODE_SIZE, 1, n_hidden, 1) if kind == "mlp" else None
         self.amortizer = (
-            mlp(n_bits, 2, n_hidden, 1, zero_input_weights=zero_input_weights)
+            mlp(n_bits, 2, n_hidden, 1)
             if kind == "amortized" and has_structure.any()
             else None
         )

@@ -337,21 +337,21 @@ class PerturbXTrainingPlan(TrainingPlan):
     def configure_optimizers(self):
         """Three Adam optimisers: autoencoder, dose response, adversaries."""
         groups = self.module.parameter_groups()
-        # foreach: one vectorised update per optimiser instead of one per tensor.
+        # fused: one kernel per step instead of a chain of foreach kernels (cheaper on CPU).
         return [
             torch.optim.Adam(
-                groups["autoencoder"], lr=self.lr, weight_decay=self.weight_decay, foreach=True
+                groups["autoencoder"], lr=self.lr, weight_decay=self.weight_decay, fused=True
             ),
             torch.optim.Adam(
                 groups["dose_response"],
                 lr=self.dose_lr,
                 weight_decay=self.dose_weight_decay,
-                foreach=True,
+                fused=True,
             ),
             torch.optim.Adam(
                 groups["adversary"],
                 lr=self.adversary_lr,
                 weight_decay=self.adversary_weight_decay,
-                foreach=True,
+                fused=True,
             ),
         ]

@@ -21,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from threadpoolctl import ThreadpoolController
 
 from perturbx.metrics._pseudobulk import get_expression, group_means
 
@@ -152,6 +154,25 @@ def differential_expression(
     return result
 
 
+@contextmanager
+def keep_thread_pools() -> Iterator[None]:
+    """Restore the size of every loaded OpenMP / BLAS thread pool on exit.
+
+    scanpy's numba kernels start numba's OpenMP layer with one thread per core, which resizes
+    the OpenMP pool that torch shares. A caller that limited torch to one thread (e.g. one
+    process per core) would then train the next model with two threads per process, which
+    on a busy machine ran ~6x slower. Pools loaded inside the block keep their size.
+    """
+    before = {lib.filepath: lib.num_threads for lib in ThreadpoolController().lib_controllers}
+    try:
+        yield
+    finally:
+        controller = ThreadpoolController()
+        for lib in controller.lib_controllers:
+            if before.get(lib.filepath, lib.num_threads) != lib.num_threads:
+                controller.select(filepath=lib.filepath).limit(limits=before[lib.filepath])
+
+
 def _run_rank_genes_groups(
     adata: AnnData,
     groupby: str,
@@ -175,7 +196,7 @@ def _run_rank_genes_groups(
         var=pd.DataFrame(index=adata.var_names.copy()),
     )
     work.uns["log1p"] = {"base": None}  # the data are natural-log normalised
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_thread_pools():
         # scanpy builds its result table column by column (pandas PerformanceWarning).
         warnings.simplefilter("ignore")
         sc.tl.rank_genes_groups(
