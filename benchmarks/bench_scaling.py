@@ -16,6 +16,8 @@ an NB likelihood. Reported per size:
   against ``matmul_gflops``, this machine's dense float32 matmul rate measured here;
 - ``peak_rss_gib``: the process's peak RSS (data included), and ``train_added_gib``: the
   peak during training minus the RSS before it (what training added on top of the data);
+  with glibc's default malloc, which keeps freed blocks, so these overstate memory in use
+  (``--fixed-mmap-threshold`` measures it exactly but slows training);
 - ``predict_cells_per_s``: ``model.predict`` of one target from up to 100,000 control cells
   (expected counts, batch 1,024);
 - ``seconds_per_million_cells``: training time normalised by cells, which stays flat if the
@@ -38,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 ARCH = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3)
 
 
-def child(n_cells: int, n_genes: int, epochs: int, batch_size: int, threads: int) -> dict:
+def child(n_cells: int, n_genes: int, epochs: int, batch_size: int, threads: int,
+          fixed_mmap_threshold: bool) -> dict:
     """One size, in this process: build, set up, train, predict; returns the figures."""
     import torch
 
@@ -49,7 +52,8 @@ def child(n_cells: int, n_genes: int, epochs: int, batch_size: int, threads: int
     from perturbx import PerturbX
 
     torch.set_num_threads(threads)
-    fix_mmap_threshold()
+    if fixed_mmap_threshold:
+        fix_mmap_threshold()
     adata = screen(n_cells, n_genes)
     PerturbX.setup_anndata(adata, perturbation_key="drug", dose_key="dose",
                            smiles_key="smiles", covariate_keys=["cell_type"])
@@ -92,12 +96,18 @@ def main() -> None:
                         help="default: enough for >= 200,000 cells, at least 1")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--fixed-mmap-threshold", action="store_true",
+        help="glibc mmap threshold fixed at 64 KiB (RSS then reflects memory in use, but every "
+             "minibatch tensor is a fresh mmap: training runs slower; see bench_scale.py)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         n_cells, n_genes, epochs = args.child
-        print(json.dumps(child(n_cells, n_genes, epochs, args.batch_size, args.threads)))
+        print(json.dumps(child(n_cells, n_genes, epochs, args.batch_size, args.threads,
+                               args.fixed_mmap_threshold)))
         return
 
     import torch
@@ -115,7 +125,8 @@ def main() -> None:
         epochs = args.epochs or max(1, 200_000 // n_cells)
         out = subprocess.run(
             [sys.executable, __file__, "--child", str(n_cells), str(n_genes), str(epochs),
-             "--batch-size", str(args.batch_size), "--threads", str(args.threads)],
+             "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+             *(["--fixed-mmap-threshold"] if args.fixed_mmap_threshold else [])],
             capture_output=True, text=True, check=False,
         )
         if out.returncode != 0:

@@ -1,0 +1,59 @@
+"""Print the README's quality table from ``bench_quality.py`` outputs.
+
+Usage::
+
+    python benchmarks/quality_table.py benchmarks/results/quality_simulator \
+        benchmarks/results/quality_real
+
+Each argument is an ``--out`` prefix of :mod:`bench_quality` (its ``.csv`` and
+``_summary.csv`` are read). One row per dataset × method: medians of the headline metrics
+and the share of held-out conditions (× seeds) on which PerturbX's weighted MSE is lower.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+
+ORDER = ["PerturbX", "PerturbX (learned only)", "linear", "perturbed_centroid", "control_mean",
+         "interpolated_duplicate"]
+NAMES = {"perturbed_centroid": "mean baseline (perturbed centroid)",
+         "control_mean": "control mean",
+         "interpolated_duplicate": "positive control (interpolated duplicate)",
+         "linear": "linear (ridge / additive)"}
+METRICS = ["weighted_mse", "weighted_r2_delta_centroid", "pearson_delta_centroid_top20",
+           "centroid_accuracy"]
+
+
+def rows(prefix: str) -> list[str]:
+    """Markdown rows of one benchmark output."""
+    per_condition = pd.read_csv(f"{prefix}.csv")
+    summary = pd.read_csv(f"{prefix}_summary.csv")
+    out = []
+    for dataset, part in summary.groupby("dataset", sort=False):
+        wide = per_condition[per_condition["dataset"] == dataset].pivot_table(
+            index=["seed", "condition"], columns="method", values="weighted_mse", dropna=False)
+        ours = "PerturbX" if "PerturbX" in wide else "PerturbX (learned only)"
+        for method in [m for m in ORDER if m in set(part["method"])]:
+            medians = part[part["method"] == method].set_index("metric")["median"]
+            cells = ["—" if pd.isna(medians[m]) else f"{medians[m]:.3f}" for m in METRICS]
+            both = wide[[ours, method]].dropna() if method != ours else None
+            win = "—" if both is None or both.empty else f"{(both[ours] < both[method]).mean():.0%}"
+            out.append(f"| {dataset} | {NAMES.get(method, method)} | " + " | ".join(cells)
+                       + f" | {win} |")
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    print("| dataset | method | weighted MSE ↓ | weighted R² Δ vs centroid ↑ | "
+          "Pearson Δ vs centroid, top-20 DE ↑ | centroid accuracy ↑ | PerturbX wins (wMSE) |")
+    print("|---|---|---|---|---|---|---|")
+    for prefix in sys.argv[1:]:
+        print("\n".join(rows(prefix)))
+
+
+if __name__ == "__main__":
+    main()
