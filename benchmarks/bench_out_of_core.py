@@ -39,10 +39,9 @@ WARMUP_BATCHES = 20
 
 def write_screen(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> int:
     """Write a sparse NB-count screen to ``path`` chunk by chunk; return its CSR bytes."""
-    import anndata as ad
-    import h5py
     import pandas as pd
-    from scipy import sparse
+
+    from perturbx.data import write_counts_h5ad
 
     rng = np.random.default_rng(seed)
     obs = pd.DataFrame(
@@ -53,22 +52,7 @@ def write_screen(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> int:
         },
         index=[f"cell{i}" for i in range(n_cells)],
     )
-    var = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
-    ad.AnnData(obs=obs, var=var).write_h5ad(path)
-    means = rng.lognormal(-2.6, 1.0, n_genes)  # ~10% non-zero counts
-    dispersion = 2.0
-    block = rng.negative_binomial(
-        dispersion, dispersion / (dispersion + means), (WRITE_CHUNK, n_genes)
-    )
-    block = sparse.csr_matrix(block.astype(np.float32))
-    with h5py.File(path, "a") as store:
-        for start in range(0, n_cells, WRITE_CHUNK):
-            rows = rng.permutation(WRITE_CHUNK)[: min(WRITE_CHUNK, n_cells - start)]
-            if start == 0:
-                ad.io.write_elem(store, "X", block[rows])
-            else:
-                ad.io.sparse_dataset(store["X"]).append(block[rows])
-        return sum(store["X"][k].nbytes for k in ("data", "indices", "indptr"))
+    return write_counts_h5ad(path, obs, n_genes, seed=seed, chunk_size=WRITE_CHUNK)
 
 
 def _peak_rss_gib() -> float:

@@ -26,7 +26,7 @@ from scipy import sparse
 
 from _toy import SMALL_ARCH, setup_toy, toy_screen
 from perturbx import PerturbX
-from perturbx.data import _validation
+from perturbx.data import _validation, write_counts_h5ad
 
 QUIET = dict(enable_progress_bar=False, enable_checkpointing=False)
 
@@ -208,33 +208,14 @@ MEMORY_ARCH = dict(n_latent=16, n_hidden=64, n_layers=1, drug_encoder_hidden=32,
                    adversary_hidden=16)
 
 
-def write_counts_h5ad(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> int:
-    """Write a sparse NB-count screen chunk by chunk (never dense); return the CSR bytes.
-
-    A block of ``WRITE_CHUNK`` cells is drawn once; each chunk written is a random row
-    permutation of it, so writing costs little and no dense matrix is ever built.
-    """
+def _write_screen(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> int:
+    """A sparse NB-count screen written chunk by chunk (never dense); returns the CSR bytes."""
     rng = np.random.default_rng(seed)
     obs = pd.DataFrame(
         {"drug": rng.choice(["control", "drug_a", "drug_b"], n_cells), "dose": "1.0"},
         index=[f"cell{i}" for i in range(n_cells)],
     )
-    var = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
-    ad.AnnData(obs=obs, var=var).write_h5ad(path)
-    means = rng.lognormal(-2.6, 1.0, n_genes)  # ~10% non-zero counts
-    dispersion = 2.0
-    block = rng.negative_binomial(
-        dispersion, dispersion / (dispersion + means), (WRITE_CHUNK, n_genes)
-    )
-    block = sparse.csr_matrix(block.astype(np.float32))
-    with h5py.File(path, "a") as store:
-        for start in range(0, n_cells, WRITE_CHUNK):
-            chunk = block[rng.permutation(WRITE_CHUNK)[: min(WRITE_CHUNK, n_cells - start)]]
-            if start == 0:
-                ad.io.write_elem(store, "X", chunk)
-            else:
-                ad.io.sparse_dataset(store["X"]).append(chunk)
-        return sum(store["X"][k].nbytes for k in ("data", "indices", "indptr"))
+    return write_counts_h5ad(path, obs, n_genes, seed=seed, chunk_size=WRITE_CHUNK)
 
 
 def _peak_rss_bytes() -> int:
@@ -287,7 +268,7 @@ def _train_backed_and_report(path: str, report: str) -> None:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_backed_training_memory_stays_bounded(tmp_path):
     path = tmp_path / "large.h5ad"
-    csr_bytes = write_counts_h5ad(path, N_CELLS, N_GENES)
+    csr_bytes = _write_screen(path, N_CELLS, N_GENES)
     dense_bytes = N_CELLS * N_GENES * 4  # float32
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     report = tmp_path / "report.json"

@@ -1,6 +1,7 @@
 """Data: registration helpers, the drug-screen simulator and out-of-distribution splits."""
 
 from perturbx.data._parsing import format_condition, parse_condition
+from perturbx.data._writing import write_counts_h5ad
 from perturbx.data.simulate import (
     builtin_drug_smiles,
     simulate_drug_screen,
@@ -29,4 +30,5 @@ __all__ = [
     "true_condition_means",
     "true_expected_counts",
     "true_log_fold_change",
+    "write_counts_h5ad",
 ]
