@@ -109,9 +109,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
     parser.add_argument("--json", default=None, help="write results to this JSON file")
+    parser.add_argument(
+        "--model-kwargs", type=json.loads, default={},
+        help='JSON merged into the architecture, e.g. \'{"variational": false}\'',
+    )
     args = parser.parse_args()
 
     arch = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3)
+    arch.update(args.model_kwargs)
     peak_matmul = matmul_gflops()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -141,7 +146,8 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"matmul_gflops": peak_matmul, "runs": rows}, fh, indent=2)
+            json.dump({"matmul_gflops": peak_matmul, "architecture": arch, "runs": rows}, fh,
+                      indent=2)
 
 
 if __name__ == "__main__":

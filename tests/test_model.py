@@ -303,3 +303,20 @@ def test_drug_encoder_and_amortised_dose_response_are_trained():
     after = [*encoder.parameters(), *amortizer.parameters()]
     changed = [not torch.equal(b, a.detach()) for b, a in zip(before, after, strict=True)]
     assert all(changed), "every drug-encoder / amortiser tensor must receive updates"
+
+
+def test_mixed_precision_training_embeds_drugs_and_stays_finite():
+    # Under autocast the drug encoder and the amortised dose response return bf16 rows that
+    # go into float32 tables; this used to fail with a dtype error at the first minibatch.
+    adata = toy_screen(n_cells=300)
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH)
+    encoder = model.module.perturbation_embedding.drug_encoder
+    before = [p.detach().clone() for p in encoder.parameters()]
+    model.train(max_epochs=2, batch_size=64, precision="bf16-mixed", enable_progress_bar=False)
+    assert np.isfinite(model.history["reconstruction_loss_train"].to_numpy(dtype=float)).all()
+    assert all(not torch.equal(b, a.detach()) for b, a in zip(before, encoder.parameters(),
+                                                               strict=True))
+    assert all(p.dtype == torch.float32 for p in model.module.parameters())
+    pred = model.predict(target={"drug": "aspirin", "dose": 3.0}, n_cells_per_target=10)
+    assert np.isfinite(np.asarray(pred.X)).all()

@@ -69,8 +69,10 @@ def _twin_models(kind: str, folder: Path):
         memory.X = None
     setup_toy(memory, layer=layer)
     setup_toy(on_disk, layer=layer)
-    model_memory = PerturbX(memory, **SMALL_ARCH)
-    model_disk = PerturbX(on_disk, **SMALL_ARCH)
+    # Deterministic encoders: a variational basal latent draws its noise in minibatch row
+    # order, which differs for backed data (read in sorted cell order).
+    model_memory = PerturbX(memory, **SMALL_ARCH, variational=False)
+    model_disk = PerturbX(on_disk, **SMALL_ARCH, variational=False)
     model_disk.module.load_state_dict(model_memory.module.state_dict())
     return model_memory, model_disk, memory, on_disk
 

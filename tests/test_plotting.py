@@ -154,8 +154,9 @@ def test_training_history_panels_lines_and_chance_levels(trained, tmp_path):
     path = tmp_path / "history.pdf"
     axes = training_history(model, save=path)
     assert path.stat().st_size > 0
-    assert [ax.get_ylabel() for ax in axes] == ["reconstruction_loss", "adversary_loss",
-                                                "accuracy"]
+    # The default (variational) model has a KL term, plotted after the reconstruction loss.
+    assert [ax.get_ylabel() for ax in axes] == ["reconstruction_loss", "kl_local",
+                                                "adversary_loss", "accuracy"]
     assert all(ax.get_xlabel() == "epoch" for ax in axes)
     recon = axes[0]
     for split in ("train", "validation"):
@@ -165,7 +166,12 @@ def test_training_history_panels_lines_and_chance_levels(trained, tmp_path):
         np.testing.assert_allclose(line.get_ydata(), history.to_numpy(float))
     assert _line(recon, "validation").get_linestyle() == ":"
 
-    accuracy = axes[2]
+    kl = axes[1]
+    np.testing.assert_allclose(
+        _line(kl, "train").get_ydata(),
+        model.history["kl_local_train"].iloc[:, 0].to_numpy(float),
+    )
+    accuracy = axes[3]
     assert len(accuracy.lines) == 6  # 2 adversaries x (train, validation) + 2 chance lines
     # chance = frequency of the most common label among the training cells
     train_obs = adata.obs.iloc[model.train_indices_]

@@ -110,7 +110,7 @@ class PerturbXModule(BaseModuleClass):
         n_hidden: int = 256,
         n_layers: int = 3,
         dropout_rate: float = 0.0,
-        variational: bool = False,
+        variational: bool = True,
         dose_response: DoseResponseKind = "amortized",
         drug_encoder_hidden: int = 256,
         drug_encoder_layers: int = 2,
@@ -185,7 +185,9 @@ class PerturbXModule(BaseModuleClass):
         if not self.variational:
             return {"basal_latent": h, "library": library, "qz": None}
         mean, raw_var = h.chunk(2, dim=-1)
-        qz = Normal(mean, F.softplus(raw_var).add(_MIN_VARIANCE).sqrt())
+        # No argument validation: non-finite values must reach the training plan's check,
+        # which names the loss term and epoch, instead of failing here without context.
+        qz = Normal(mean, F.softplus(raw_var).add(_MIN_VARIANCE).sqrt(), validate_args=False)
         basal = qz.rsample() if self.training else mean
         return {"basal_latent": basal, "library": library, "qz": qz}
 
@@ -299,7 +301,8 @@ class PerturbXModule(BaseModuleClass):
             reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)
         qz = inference_outputs["qz"]
         if qz is not None:
-            prior = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale))
+            prior = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale),
+                           validate_args=False)
             kl = kl_divergence(qz, prior).sum(-1)
         else:
             kl = torch.zeros_like(reconstruction)

@@ -118,7 +118,8 @@ class PerturbationEmbedding(nn.Module):
                 fps.append(self.fingerprints[unique[structured] - 1])
             if extra.any():
                 fps.append(extra_fingerprints[unique[extra] - self.n_vocab - 1])
-            encoded = self.drug_encoder(torch.cat(fps))
+            # Under autocast (bf16-mixed) the encoder's output is bf16; the table is float32.
+            encoded = self.drug_encoder(torch.cat(fps)).to(table.dtype)
             n_structured = int(structured.sum())
             table[structured] = encoded[:n_structured]
             table[extra] = encoded[n_structured:]
@@ -178,11 +179,12 @@ class DoseResponse(nn.Module):
         if self.amortizer is not None:
             rows = torch.nonzero(self.has_structure).squeeze(-1) + 1
             table = table.clone()
-            table[rows] = self.amortizer(self.fingerprints[rows - 1]) + self._offset()
+            amortized = self.amortizer(self.fingerprints[rows - 1]) + self._offset()
+            table[rows] = amortized.to(table.dtype)
         out = table[index.clamp(max=n_vocab)]
         if extra.any():
             if self.amortizer is not None and extra_fingerprints is not None:
-                query = self.amortizer(extra_fingerprints) + self._offset()
+                query = (self.amortizer(extra_fingerprints) + self._offset()).to(out.dtype)
             else:
                 molecules = self.has_structure.nonzero().squeeze(-1) + 1
                 pool = table[molecules] if molecules.numel() else table[1:]
