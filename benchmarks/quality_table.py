@@ -4,15 +4,19 @@ Usage::
 
     python benchmarks/quality_table.py benchmarks/results/quality_simulator \
         benchmarks/results/quality_real
+    python benchmarks/quality_table.py --by-dose benchmarks/results/quality_simulator
 
 Each argument is an ``--out`` prefix of :mod:`bench_quality` (its ``.csv`` and
 ``_summary.csv`` are read). One row per dataset × method: medians of the headline metrics
 and the share of held-out conditions (× seeds) on which PerturbX's weighted MSE is lower.
+``--by-dose``: instead, one row per dataset × dose with each method's median weighted MSE
+and weighted R² of deltas vs the centroid (drug screens; where the drugs barely act, every
+method's deviation from the centroid is noise).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import pandas as pd
 
@@ -45,13 +49,44 @@ def rows(prefix: str) -> list[str]:
     return out
 
 
+def dose_rows(prefix: str) -> list[str]:
+    """Markdown rows per dataset × dose: median weighted MSE / weighted R² Δ per method."""
+    per_condition = pd.read_csv(f"{prefix}.csv")
+    out = []
+    for dataset, part in per_condition.groupby("dataset", sort=False):
+        doses = pd.to_numeric(part["dose"], errors="coerce")
+        if doses.isna().any():
+            continue  # combinations ("1+1"): no single dose axis
+        medians = part.assign(dose=doses).groupby(["dose", "method"])[
+            ["weighted_mse", "weighted_r2_delta_centroid"]].median()
+        methods = [m for m in ORDER if m in set(part["method"])]
+        for dose in sorted(doses.unique()):
+            cells = []
+            for m in methods:
+                mse, r2 = medians.loc[(dose, m)]
+                cells.append("—" if pd.isna(mse) else f"{mse:.3f} / {r2:+.3f}")
+            out.append(f"| {dataset} | {dose:g} | " + " | ".join(cells) + " |")
+        header = "| dataset | dose | " + " | ".join(NAMES.get(m, m) for m in methods) + " |"
+        out = [header, "|---|---|" + "---|" * len(methods), *out]
+    return out
+
+
 def main() -> None:
-    if len(sys.argv) < 2:
-        raise SystemExit(__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("prefixes", nargs="+", help="--out prefixes of bench_quality.py")
+    parser.add_argument("--by-dose", action="store_true",
+                        help="weighted MSE / weighted R² per dose instead")
+    args = parser.parse_args()
+    if args.by_dose:
+        for prefix in args.prefixes:
+            print("\n".join(dose_rows(prefix)))
+        return
     print("| dataset | method | weighted MSE ↓ | weighted R² Δ vs centroid ↑ | "
           "Pearson Δ vs centroid, top-20 DE ↑ | centroid accuracy ↑ | PerturbX wins (wMSE) |")
     print("|---|---|---|---|---|---|---|")
-    for prefix in sys.argv[1:]:
+    for prefix in args.prefixes:
         print("\n".join(rows(prefix)))
 
 

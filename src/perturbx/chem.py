@@ -86,7 +86,7 @@ def _canonical_cached(text: str) -> str:
     return _mol_to_canonical(_parse_mol(text))
 
 
-def canonical_smiles(smiles: str, *, name: str | None = None) -> str:
+def canonical_smiles(smiles: str, name: str | None = None) -> str:
     """RDKit canonical SMILES of one molecule.
 
     Different spellings of the same molecule (atom order, aromatic or Kekulé rings, explicit

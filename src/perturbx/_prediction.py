@@ -1,0 +1,485 @@
+"""Counterfactual queries of a trained ``PerturbX``: prediction, embeddings, evaluation.
+
+:class:`PredictionMixin` holds everything that resolves target conditions (names, dose,
+covariates, or SMILES of molecules never seen in training) into the module's inputs and
+decodes the answer: :meth:`~PredictionMixin.predict`, the perturbation embeddings and dose
+responses, and the evaluation of held-out conditions against baselines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+
+from perturbx._targets import KEEP_SOURCE, resolve_targets
+from perturbx.chem import canonical_smiles, nearest_reference
+from perturbx.data._backed import is_on_disk
+from perturbx.data._fields import split_smiles_combination
+from perturbx.data._validation import check_obs
+from perturbx.module import COUNT_LIKELIHOODS, split_perturbations
+
+
+class PredictionMixin:
+    """Counterfactual prediction, perturbation embeddings and evaluation for ``PerturbX``.
+
+    Mixed into :class:`perturbx.PerturbX` (as scvi-tools mixes ``RNASeqMixin`` into its
+    models); relies on its ``module``, registry properties (``_perturbation_state``,
+    ``_covariate_categories``, ``_smiles_column``, ``featurizer``, ``perturbations``), data
+    access (``_validate_anndata``, ``_batches``) and scvi's ``adata`` and ``train_indices_``.
+    """
+
+    # --------------------------------------------------------------------- prediction
+    def _source_indices(self, adata: AnnData, source) -> np.ndarray:
+        if isinstance(source, str):
+            if source != "control":
+                raise ValueError(f"source={source!r}: use 'control', a boolean mask or indices.")
+            _, index, _ = split_perturbations(
+                torch.from_numpy(np.asarray(adata.obsm["_perturbx_perturbations"]))
+            )
+            chosen = np.flatnonzero((index == 0).all(1).numpy())
+            if len(chosen) == 0:
+                raise ValueError("The AnnData has no control cells to predict from.")
+            return chosen
+        source = np.asarray(source)
+        if source.dtype == bool:
+            if source.shape != (adata.n_obs,):
+                raise ValueError(
+                    f"source mask has shape {source.shape}, expected ({adata.n_obs},)."
+                )
+            return np.flatnonzero(source)
+        return source.astype(np.int64)
+
+    @torch.inference_mode()
+    def _encode_sources(self, adata: AnnData, indices: np.ndarray, batch_size: int | None):
+        """Basal latent, library size and covariate codes of the source cells."""
+        _, loader = self._batches(adata, indices, batch_size)
+        basal, library, covariates = [], [], []
+        for tensors in loader:
+            inference_outputs = self.module.inference(**self.module._get_inference_input(tensors))
+            basal.append(inference_outputs["basal_latent"])
+            library.append(inference_outputs["library"])
+            cov = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+            n = basal[-1].shape[0]
+            covariates.append(
+                cov.long() if cov is not None else torch.zeros(n, 0, dtype=torch.long)
+            )
+        return torch.cat(basal), torch.cat(library), torch.cat(covariates)
+
+    def _training_molecules(self) -> tuple[list[str], list[str]]:
+        """Names and SMILES of the vocabulary's molecules that have training cells."""
+        state = self._perturbation_state
+        names = [n for n, s in zip(state["vocabulary"], state["smiles"], strict=True) if s]
+        if self.adata is not None and self.train_indices_ is not None:
+            packed = np.asarray(self.adata.obsm["_perturbx_perturbations"])[self.train_indices_]
+            _, index, _ = split_perturbations(torch.from_numpy(packed))
+            seen = {state["vocabulary"][i - 1] for i in np.unique(index.numpy()) if i > 0}
+            names = [n for n in names if n in seen]
+        smiles = dict(zip(state["vocabulary"], state["smiles"], strict=True))
+        return names, [smiles[n] for n in names]
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        target=None,
+        *,
+        source: str | np.ndarray = "control",
+        n_cells_per_target: int | None = None,
+        library_size: Literal["observed"] | float = "observed",
+        sample: bool = False,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> AnnData:
+        """Counterfactual prediction: source cells (controls by default) under target conditions.
+
+        Each source cell is encoded to its basal latent; the target's dose-scaled perturbation
+        embeddings and covariate embeddings are added; the decoder gives the expression.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the source cells (default: the model's AnnData). Its genes are
+            matched to the model's by name (a reordered copy is used if the order differs;
+            extra genes are ignored); missing genes are an error.
+        target
+            One or several conditions: a perturbation string (``"A+B"``), a dict with the
+            registered obs keys (perturbation, dose, covariates, and ``smiles`` for molecules
+            not in the training data), a list of those, or a DataFrame with one row per
+            target. A target covariate restricts the source cells to that category; without
+            it, each source cell keeps its own covariates. New molecules can be given as the
+            perturbation itself (a SMILES string) or in the ``smiles`` column. Doses must
+            be finite, non-negative and at most ``1e6`` (not clamped; see
+            :meth:`setup_anndata`). Unknown perturbations or covariate values raise
+            ``ValueError`` with close matches.
+        source
+            ``"control"``, a boolean mask or integer indices of the source cells.
+        n_cells_per_target
+            Randomly use at most this many source cells per target (seeded).
+        library_size
+            ``"observed"``: each source cell's total counts; a number: that library size for
+            every cell (e.g. ``1e4`` for normalised expression). Counts likelihoods only.
+        sample
+            Draw from ``p(x | z)`` instead of returning its mean.
+        batch_size
+            Cells per forward pass.
+        seed
+            Seed of the source-cell subsampling and of ``sample``.
+
+        Returns
+        -------
+        AnnData ``(n_targets × n_source_cells, n_genes)`` of predicted expression (expected
+        counts at the library size for counts likelihoods, log-normalised values for
+        ``gaussian``). ``.obs`` holds ``source_cell``, the target perturbation, dose,
+        covariates, ``condition``, and for molecules not in the training data their
+        ``smiles``, ``max_tanimoto_to_training`` and ``nearest_training_drug``.
+        """
+        self.module.eval()
+        state = self._perturbation_state
+        categories = self._covariate_categories
+        smiles_column = self._smiles_column
+        targets = resolve_targets(target, state, categories, canonical_smiles, smiles_column)
+        extra = None
+        if targets.new_smiles:
+            extra = torch.from_numpy(self.featurizer(targets.new_smiles)).to(self.device)
+        # Registered after the targets are checked, so a bad target leaves adata untouched.
+        adata = self._validate_anndata(adata)
+        sources = self._source_indices(adata, source)
+        basal, library, covariates = self._encode_sources(adata, sources, batch_size)
+        if library_size != "observed":
+            if self.module.likelihood not in COUNT_LIKELIHOODS:
+                raise ValueError("library_size applies to counts likelihoods ('nb'/'zinb') only.")
+            library = torch.full_like(library, float(library_size))
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(seed)
+        target_rows = []
+        for t in range(len(targets.obs)):
+            rows = np.arange(len(sources))
+            for c, code in enumerate(targets.covariate_codes[t]):
+                if code != KEEP_SOURCE:
+                    rows = rows[covariates[rows, c].numpy() == code]
+            if len(rows) == 0:
+                raise ValueError(
+                    "No source cells match the covariates of target "
+                    f"{targets.obs.iloc[t].to_dict()}."
+                )
+            if n_cells_per_target is not None and len(rows) > n_cells_per_target:
+                rows = np.sort(rng.choice(rows, n_cells_per_target, replace=False))
+            target_rows.append(rows)
+        # Filled batch by batch: peak memory is the result plus one batch, not twice the result.
+        predicted = np.empty((sum(map(len, target_rows)), adata.n_vars), dtype=np.float32)
+        offset, obs_blocks = 0, []
+        for t, rows in enumerate(target_rows):
+            codes = targets.covariate_codes[t]
+            for start in range(0, len(rows), batch_size):
+                chunk = torch.from_numpy(rows[start : start + batch_size])
+                n = len(chunk)
+                index = torch.from_numpy(targets.index[t]).expand(n, -1)
+                dose = torch.from_numpy(targets.dose[t]).expand(n, -1)
+                cov = covariates[chunk].clone()
+                for c, code in enumerate(codes):
+                    if code != KEEP_SOURCE:
+                        cov[:, c] = int(code)
+                px = self.module.generative(
+                    basal[chunk], library[chunk], index, dose, cov if cov.shape[1] else None, extra
+                )["px"]
+                if sample:
+                    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                    values = px.sample()
+                else:
+                    values = px.mean
+                predicted[offset : offset + n] = values.cpu().numpy()
+                offset += n
+            obs = pd.DataFrame(
+                {"source_cell": adata.obs_names[sources[rows]].to_numpy()},
+            )
+            for key, value in targets.obs.iloc[t].items():
+                obs[key] = value
+            for c, key in enumerate(categories):
+                if codes[c] == KEEP_SOURCE:
+                    obs[key] = np.asarray(categories[key], dtype=object)[
+                        covariates[rows, c].numpy()
+                    ]
+            obs_blocks.append(obs)
+        obs = pd.concat(obs_blocks, ignore_index=True)
+        obs = self._annotate_new_molecules(obs, targets, smiles_column)
+        obs.index = [f"pred_{i}" for i in range(len(obs))]
+        for key in obs.columns:
+            if obs[key].dtype == object:
+                obs[key] = obs[key].astype(str).astype("category")
+        result = AnnData(predicted, obs=obs, var=adata.var[[]].copy())
+        result.uns["perturbx_prediction"] = {
+            "likelihood": self.module.likelihood,
+            "values": "samples" if sample else "expected",
+            "library_size": library_size if library_size != "observed" else "observed",
+            "control_value": state["control_value"],
+            "perturbation_key": state["perturbation_key"],
+            "dose_key": state["dose_key"] or "dose",
+            "covariate_keys": list(categories),
+        }
+        return result
+
+    def _annotate_new_molecules(
+        self, obs: pd.DataFrame, targets, smiles_column: str
+    ) -> pd.DataFrame:
+        """Tanimoto distance of each target's new molecules to the training drugs."""
+        if not targets.new_smiles:
+            return obs.drop(columns=[smiles_column])
+        names, smiles = self._training_molecules()
+        if not smiles:
+            return obs
+        nearest = nearest_reference(targets.new_smiles, smiles, names)
+        similarity = dict(zip(targets.new_smiles, nearest["max_similarity"], strict=True))
+        neighbour = dict(zip(targets.new_smiles, nearest["nearest_reference"], strict=True))
+        # Bracket-aware split: charged atoms ("[N+]") contain "+" too.
+        members = obs[smiles_column].map(
+            lambda s: [m for m in split_smiles_combination(str(s)) if m] if s else []
+        )
+        # Several new members: report the one farthest from the training drugs.
+        farthest = members.map(lambda ms: min(ms, key=similarity.get) if ms else None)
+        obs["max_tanimoto_to_training"] = farthest.map(lambda m: similarity.get(m, np.nan))
+        obs["nearest_training_drug"] = farthest.map(lambda m: neighbour.get(m, ""))
+        return obs
+
+    # ------------------------------------------------------------ embeddings and doses
+    def _resolve_members(self, perturbations: Sequence[str]):
+        """Vocabulary indices (or new-molecule indices) and fingerprints of new molecules."""
+        state = self._perturbation_state
+        frame = pd.DataFrame({state["perturbation_key"]: list(perturbations)})
+        targets = resolve_targets(frame, state, {}, canonical_smiles, self._smiles_column)
+        if (targets.index > 0).sum(1).max() > 1:
+            raise ValueError("Give single perturbations here, not combinations.")
+        extra = None
+        if targets.new_smiles:
+            extra = torch.from_numpy(self.featurizer(targets.new_smiles)).to(self.device)
+        return torch.from_numpy(targets.index[:, :1]), extra
+
+    @torch.inference_mode()
+    def get_perturbation_embeddings(
+        self,
+        perturbations: Sequence[str] | None = None,
+        doses: float | Sequence[float] | None = None,
+    ) -> pd.DataFrame:
+        """Latent embedding of each perturbation, optionally scaled by its dose response.
+
+        Parameters
+        ----------
+        perturbations
+            Names from the vocabulary, or SMILES of any molecule (default: the vocabulary).
+        doses
+            ``None``: unscaled embeddings ``e_p``; a number or one dose per perturbation:
+            ``s_p(d) · e_p``, the shift actually added to the latent.
+
+        Returns
+        -------
+        DataFrame ``(n_perturbations, n_latent)`` indexed by perturbation.
+        """
+        self.module.eval()
+        perturbations = self.perturbations if perturbations is None else list(perturbations)
+        index, extra = self._resolve_members(perturbations)
+        embedding = self.module.perturbation_embedding(index, extra)[:, 0]
+        if doses is not None:
+            dose = torch.as_tensor(
+                np.broadcast_to(np.asarray(doses, np.float32), (len(index),)).copy()
+            )
+            scale = self.module.dose_response(index, dose.unsqueeze(1), extra)
+            embedding = embedding * scale
+        return pd.DataFrame(
+            embedding.cpu().numpy(), index=pd.Index(perturbations, name="perturbation")
+        )
+
+    @torch.inference_mode()
+    def get_dose_response(self, perturbation: str, doses: Sequence[float]) -> np.ndarray:
+        """Dose-response scale ``s_p(d)`` of one perturbation (name or SMILES) at ``doses``.
+
+        Returns
+        -------
+        ``(len(doses),)`` array: the factor multiplying the perturbation's embedding.
+        """
+        self.module.eval()
+        index, extra = self._resolve_members([perturbation])
+        dose = torch.as_tensor(np.asarray(doses, dtype=np.float32)).reshape(-1, 1)
+        return (
+            self.module.dose_response(index.expand(len(dose), 1), dose, extra)[:, 0].cpu().numpy()
+        )
+
+    # --------------------------------------------------------------------- evaluation
+    def predict_conditions(
+        self,
+        adata_eval: AnnData,
+        *,
+        n_cells_per_target: int | None = 500,
+        seed: int = 0,
+        batch_size: int = 1024,
+    ) -> AnnData:
+        """Predict every perturbed condition of ``adata_eval`` counterfactually, from controls.
+
+        Each non-control condition (perturbation × dose × covariates) of ``adata_eval`` is
+        predicted from control cells of matching covariates (those of ``adata_eval``, else
+        the model's training controls), never by reconstructing its treated cells. With a
+        counts likelihood the predicted cells are samples from the decoder's distribution,
+        so that they carry the same sampling noise as real cells.
+
+        Parameters
+        ----------
+        adata_eval
+            Held-out cells: the conditions to predict (and, ideally, held-out controls).
+            Perturbations need not be known to the model if they have SMILES in the
+            registered SMILES column.
+        n_cells_per_target
+            Source control cells per predicted condition (seeded subsample).
+        seed
+            Seed of the subsampling and of the sampling.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        AnnData ``(n_conditions × n_source_cells, n_genes)`` as from :meth:`predict`
+        (counts for counts likelihoods, log-normalised values for ``gaussian``; copied to
+        the registered layer too, so that it can be scored like the real cells).
+        """
+        state = self._perturbation_state
+        pkey, dkey = state["perturbation_key"], state["dose_key"]
+        covariate_keys = list(self._covariate_categories)
+        layer = self.registry["setup_args"]["layer"]
+        if self.adata is None:
+            raise ValueError(
+                "Predicting held-out conditions needs the model's training AnnData (load the "
+                "model with adata=)."
+            )
+        missing = [
+            k for k in [pkey, dkey, *covariate_keys] if k and k not in adata_eval.obs.columns
+        ]
+        if missing:
+            raise KeyError(f"adata_eval.obs lacks the registered column(s) {missing}.")
+        check_obs(adata_eval, covariate_keys)
+        is_control = adata_eval.obs[pkey].astype(str).to_numpy() == state["control_value"]
+        if not (~is_control).any():
+            raise ValueError("adata_eval has no perturbed cells to evaluate.")
+        if is_control.any():
+            if adata_eval.isbacked:
+                raise ValueError(
+                    "predict_conditions / evaluate: adata_eval is backed (on disk); its control "
+                    "cells are copied into memory. Pass adata_eval.to_memory() (held-out cells)."
+                )
+            # Cells and targets in a canonical (name) order: results do not depend on the
+            # order of adata_eval's cells through the seeded subsampling and sampling.
+            sources = adata_eval[np.sort(adata_eval.obs_names[is_control])].copy()
+            source_cells = "control"
+        else:
+            # The model's own AnnData, cells chosen by index: no copy (it may be on disk).
+            sources, source_cells = self.adata, self._training_control_indices()
+        columns = [pkey] + ([dkey] if dkey else []) + covariate_keys
+        smiles_column = self._smiles_column
+        if smiles_column in adata_eval.obs.columns:
+            columns.append(smiles_column)
+        targets = (
+            adata_eval.obs.loc[~is_control, columns]
+            .astype(object)
+            .drop_duplicates(subset=[pkey] + ([dkey] if dkey else []) + covariate_keys)
+        )
+        order = np.argsort(targets.astype(str).agg("|".join, axis=1).to_numpy(), kind="stable")
+        targets = targets.iloc[order]
+        pred = self.predict(
+            sources,
+            target=targets.reset_index(drop=True),
+            source=source_cells,
+            n_cells_per_target=n_cells_per_target,
+            # Counts: samples, so that predictions and cells share the noise that the
+            # log-normalisation turns into bias (log of a mean != mean of logs).
+            sample=self.module.likelihood in COUNT_LIKELIHOODS,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        if layer is not None:
+            pred.layers[layer] = pred.X
+        return pred
+
+    def evaluate(
+        self,
+        adata_eval: AnnData,
+        *,
+        n_cells_per_target: int | None = 500,
+        baselines: Sequence[str] = ("control_mean", "perturbed_centroid", "interpolated_duplicate"),
+        top_k: Sequence[int] = (20, 50),
+        method_name: str = "PerturbX",
+        seed: int = 0,
+        batch_size: int = 1024,
+    ):
+        """Predict every condition of ``adata_eval`` counterfactually and score it with baselines.
+
+        The predictions of :meth:`predict_conditions` are scored with
+        :func:`perturbx.metrics.score` against the real cells of ``adata_eval``, side by side
+        with the baselines. The perturbed centroid is the mean of the *training* conditions
+        of the model's AnnData.
+
+        Parameters
+        ----------
+        adata_eval
+            Held-out cells: the conditions to evaluate (and, ideally, held-out controls).
+            Perturbations need not be known to the model if they have SMILES in the
+            registered SMILES column.
+        n_cells_per_target
+            Source control cells per predicted condition (seeded subsample).
+        baselines, top_k
+            See :func:`perturbx.metrics.score`.
+        method_name
+            Name of the model's rows in the result.
+        seed
+            Seed of the subsampling, of the sampling and of the positive control's half split.
+        batch_size
+            Cells per forward pass.
+
+        Returns
+        -------
+        :class:`perturbx.metrics.EvaluationResult` (``per_condition`` tidy table,
+        ``summary`` median/mean per method, ``calibration``, ``normalised``).
+        """
+        from perturbx.metrics import score
+
+        layer = self.registry["setup_args"]["layer"]
+        if self.adata is not None and is_on_disk(self.adata, layer):
+            raise ValueError(
+                "evaluate needs the expression of the model's training cells in memory (their "
+                "condition means form the perturbed centroid), but the model's AnnData is read "
+                "from disk (backed). Use predict_conditions(adata_eval) and "
+                "perturbx.metrics.score(..., centroid_reference=model.adata[cells].to_memory()) "
+                "with a subsample of training cells, or load the model with an in-memory AnnData."
+            )
+        pred = self.predict_conditions(
+            adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
+        )
+        pred.obs["method"] = method_name
+        state = self._perturbation_state
+        return score(
+            pred,
+            adata_eval,
+            perturbation_key=state["perturbation_key"],
+            control_value=state["control_value"],
+            dose_key=state["dose_key"],
+            covariate_keys=list(self._covariate_categories),
+            method_key="method",
+            layer=self.registry["setup_args"]["layer"],
+            counts=self.module.likelihood in COUNT_LIKELIHOODS,
+            top_k=top_k,
+            baselines=baselines,
+            seed=seed,
+            centroid_reference=self.adata[self._training_indices()],
+        )
+
+    def _training_indices(self) -> np.ndarray:
+        if self.train_indices_ is None:
+            return np.arange(self.adata.n_obs)
+        return np.asarray(self.train_indices_)
+
+    def _training_control_indices(self) -> np.ndarray:
+        train = self._training_indices()
+        packed = torch.from_numpy(np.asarray(self.adata.obsm["_perturbx_perturbations"])[train])
+        _, index, _ = split_perturbations(packed)
+        return train[(index == 0).all(1).numpy()]
