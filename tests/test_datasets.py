@@ -18,6 +18,7 @@ from scipy import sparse
 
 from perturbx import datasets
 from perturbx.data._parsing import parse_condition_columns
+from perturbx.datasets import _fetch
 
 LINCS_DOSES_UM = [0.04, 0.12, 0.37, 1.11, 3.33, 10.0]
 UNS_KEYS = {"name", "control_value", "perturbation_key", "dose_key", "smiles_key",
@@ -208,7 +209,7 @@ def test_download_with_pooch_from_local_server(local_server, tmp_path, shared_da
     shutil.copyfile(shared_data_dir / "trapnell_drugs_smiles.csv", served / "drugs.csv")
     expected = _sha256(served / "drugs.csv")
     cache = tmp_path / "cache"
-    path = datasets._retrieve("drugs.csv", f"{base_url}/drugs.csv", expected, cache)
+    path = _fetch._retrieve("drugs.csv", f"{base_url}/drugs.csv", expected, cache)
     assert path == cache / "drugs.csv" and _sha256(path) == expected
 
 
@@ -217,7 +218,7 @@ def test_download_with_wrong_checksum_raises(local_server, tmp_path):
     (served / "drugs.csv").write_text("a,b\n")
     cache = tmp_path / "cache"
     with pytest.raises(datasets.DataChecksumError) as info:
-        datasets._retrieve("drugs.csv", f"{base_url}/drugs.csv", "0" * 64, cache)
+        _fetch._retrieve("drugs.csv", f"{base_url}/drugs.csv", "0" * 64, cache)
     message = str(info.value)
     assert "drugs.csv" in message and "0" * 64 in message
     assert _sha256(served / "drugs.csv") in message  # pooch's report of the actual hash
