@@ -22,10 +22,14 @@ Methods (one row each):
 - ``control mean``: the training control cells of the cell type (no effect).
 - ``perturbed mean``: mean over the training drugs of their condition means at the same dose
   and cell type (the shared response).
-- ``ridge on fingerprints``: a reference that is not a cell model, ridge regression
-  (``alpha=1``) from the registered fingerprint to the training drugs' condition means.
+- ``ridge on fingerprints``: a reference that is not a cell model,
+  :func:`perturbx.baselines.linear_baseline` (ridge regression, penalty by leave-one-out
+  cross-validation, per cell type, from the registered fingerprint × log-dose features to
+  the training drugs' condition means minus the control mean).
 
-Baselines and the ridge use the training cells' ``log1p`` of mean normalised expression.
+Baselines and the ridge use the training cells' ``log1p`` of mean normalised expression, the
+space of the truth: the ridge is fitted on those condition means (one row each, passed with
+``counts=False``), not on single cells, whose average of ``log1p`` would sit below it.
 ``visible`` rows keep the conditions whose true effect is visible (the control mean's error
 is at least ``--visible-threshold``; at doses far below EC50 all methods are ~equal).
 """
@@ -114,22 +118,36 @@ def predicted_profiles(model, targets: list[dict], n_cells: int) -> list[np.ndar
     return [np.log1p(values[a:b].mean(0)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def ridge_profiles(adata, train_drugs, held_out, means, featurizer, alpha: float = 1.0):
-    """Ridge from fingerprints to the training drugs' condition means, per dose × cell type."""
-    from sklearn.linear_model import Ridge
+def ridge_profiles(adata, means, control, targets: list[dict], featurizer) -> np.ndarray:
+    """:func:`perturbx.baselines.linear_baseline` on the training condition means.
 
+    ``means`` maps ``(drug, dose, cell type)`` and ``control`` maps cell type to ``log1p`` of
+    mean normalised expression; they go in as one already log-normalised row per condition,
+    so that the ridge works in the same space as the truth. Returns ``(n_targets, n_genes)``.
+    """
+    import anndata
+
+    from perturbx.baselines import linear_baseline
+
+    conditions = [dict(drug=d, dose=k, cell_type=c) for d, k, c in means]
+    conditions += [dict(drug="control", dose=0.0, cell_type=c) for c in control]
+    condition_means = anndata.AnnData(
+        np.vstack([*means.values(), *control.values()]),
+        obs=pd.DataFrame(conditions, index=[str(i) for i in range(len(conditions))]),
+    )
     truth = adata.uns["simulation"]
-    smiles = dict(zip(truth["drug_names"], truth["drug_smiles"], strict=True))
-    features_train = featurizer([smiles[d] for d in train_drugs])
-    features_test = featurizer([smiles[d] for d in held_out])
-    out = {}
-    for key in {(k[1], k[2]) for k in means}:
-        y = np.stack([means[(d, *key)] for d in train_drugs])
-        for drug, row in zip(
-            held_out, Ridge(alpha=alpha).fit(features_train, y).predict(features_test), strict=True
-        ):
-            out[(drug, *key)] = row
-    return out
+    fingerprints = featurizer(list(truth["drug_smiles"]))
+    features = dict(zip(truth["drug_names"], fingerprints, strict=True))
+    predicted = linear_baseline(
+        condition_means,
+        pd.DataFrame(targets),
+        features,
+        perturbation_key="drug",
+        dose_key="dose",
+        covariate_keys=["cell_type"],
+        counts=False,
+    )
+    return np.asarray(predicted.X, np.float64)
 
 
 def evaluate_world(args: argparse.Namespace, seed: int, structure_radius: int) -> pd.DataFrame:
@@ -179,7 +197,7 @@ def evaluate_world(args: argparse.Namespace, seed: int, structure_radius: int) -
             embedding_model, targets, args.n_source_cells
         ),
     }
-    ridge = ridge_profiles(adata, train_drugs, held_out, means, fingerprint_model.featurizer)
+    ridge = ridge_profiles(adata, means, control, targets, fingerprint_model.featurizer)
 
     rows = []
     for i, t in enumerate(targets):
@@ -190,7 +208,7 @@ def evaluate_world(args: argparse.Namespace, seed: int, structure_radius: int) -
         candidates = {name: values[i] for name, values in predictions.items()}
         candidates["control mean"] = control[t["cell_type"]]
         candidates["perturbed mean"] = perturbed[(t["dose"], t["cell_type"])]
-        candidates["ridge on fingerprints"] = ridge[key]
+        candidates["ridge on fingerprints"] = ridge[i]
         for method, profile in candidates.items():
             rows.append(
                 {
