@@ -16,6 +16,7 @@ from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.distributions import Normal, kl_divergence
 
 from perturbx.data._fields import NO_LABEL, PERTURBATIONS_KEY
@@ -46,27 +47,92 @@ def split_perturbations(packed: torch.Tensor):
     return label, index, dose
 
 
-def negative_binomial_log_prob(
+# Above this fraction of non-zero counts, evaluating the gamma functions on every entry is
+# cheaper than gathering the non-zero ones (measured on 128 x 2,000 minibatches).
+_SPARSE_GAMMA_MAX_DENSITY = 0.4
+
+
+class _NegativeBinomialLogLikelihood(torch.autograd.Function):
+    """Per-cell NB log-likelihood with a hand-written backward (see
+    :func:`negative_binomial_log_likelihood`)."""
+
+    @staticmethod
+    def forward(ctx, x, log_rate, log_theta):
+        theta = log_theta.exp()
+        log_ratio = log_rate - log_theta  # log(mu / theta)
+        softplus_ratio = F.softplus(log_ratio)  # log(1 + mu / theta)
+        # x log(mu / (mu + theta)) + theta log(theta / (mu + theta)), rewritten in log_ratio.
+        dense = (x * log_ratio - (x + theta) * softplus_ratio).sum(-1)
+        # lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) vanishes where x == 0: on sparse
+        # counts, evaluate the gamma functions (the slowest part) on non-zero entries only.
+        flat_x = x.reshape(-1)
+        ctx.sparse = bool(torch.count_nonzero(flat_x) <= _SPARSE_GAMMA_MAX_DENSITY * x.numel())
+        if ctx.sparse:
+            entry = torch.nonzero(flat_x).squeeze(-1)
+            cell, gene = entry // x.shape[-1], entry % x.shape[-1]
+            counts = flat_x[entry]
+        else:
+            cell, gene, counts = None, None, x
+        counts_plus_theta = counts + (theta[gene] if ctx.sparse else theta)
+        lgamma_theta = torch.lgamma(theta)
+        gamma_terms = (
+            torch.lgamma(counts_plus_theta)
+            - (lgamma_theta[gene] if ctx.sparse else lgamma_theta)
+            - torch.lgamma(counts + 1)
+        )
+        if ctx.sparse:
+            gamma = x.new_zeros(x.shape[0]).index_add_(0, cell, gamma_terms)
+        else:
+            gamma = gamma_terms.sum(-1)
+        ctx.save_for_backward(x, log_ratio, softplus_ratio, theta, counts_plus_theta, cell, gene)
+        return dense + gamma
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, log_ratio, softplus_ratio, theta, counts_plus_theta, cell, gene = ctx.saved_tensors
+        weight = grad.unsqueeze(-1)
+        grad_log_rate = (x - (x + theta) * torch.sigmoid(log_ratio)) * weight
+        digamma_theta = torch.digamma(theta)
+        if ctx.sparse:
+            digamma_terms = (torch.digamma(counts_plus_theta) - digamma_theta[gene]) * grad[cell]
+            digamma_sum = torch.zeros_like(theta).index_add_(0, gene, digamma_terms)
+        else:
+            digamma_sum = ((torch.digamma(counts_plus_theta) - digamma_theta) * weight).sum(0)
+        # d/d log(theta) = theta * d/d theta; the log_ratio terms give -grad_log_rate.
+        grad_log_theta = (
+            theta * (digamma_sum - (softplus_ratio * weight).sum(0)) - grad_log_rate.sum(0)
+        )
+        return None, grad_log_rate, grad_log_theta
+
+
+def negative_binomial_log_likelihood(
     x: torch.Tensor, log_rate: torch.Tensor, log_theta: torch.Tensor
 ) -> torch.Tensor:
-    """NB log-likelihood ``(B, G)`` of counts ``x`` from log-means and gene-wise log θ.
+    """NB log-likelihood of each cell's counts, summed over genes: shape ``(B,)``.
 
-    Same value as ``scvi.distributions.NegativeBinomial(mu, theta).log_prob(x)``, computed
-    from the decoder's log-space output: this skips a log of the mean and keeps
-    ``lgamma(x + 1)``, which has no gradient, out of the autograd graph (about 15% of a
-    training step at 2,000 genes).
+    Same value as ``scvi.distributions.NegativeBinomial(mu, theta).log_prob(x).sum(-1)``,
+    computed from the decoder's log-space output. It is the largest part of a training step
+    after the dense layers, so the forward and backward passes are written by hand: on sparse
+    minibatches (at most 40% non-zero counts) the gamma functions are evaluated only where
+    ``x > 0`` (their terms cancel at zero counts), and no intermediate of autograd's generic
+    graph is kept.
+
+    Parameters
+    ----------
+    x
+        ``(B, G)`` counts (non-negative; integers for a proper likelihood).
+    log_rate
+        ``(B, G)`` log of the NB means.
+    log_theta
+        ``(G,)`` log of the gene-wise inverse dispersions.
+
+    Returns
+    -------
+    ``(B,)`` log-likelihoods (nats). Differentiable in ``log_rate`` and ``log_theta`` once
+    (not twice).
     """
-    theta = log_theta.exp()
-    log_theta_plus_rate = torch.logaddexp(log_theta, log_rate)
-    with torch.no_grad():
-        log_x_factorial = torch.lgamma(x + 1)
-    return (
-        torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - log_x_factorial
-        + theta * (log_theta - log_theta_plus_rate)
-        + x * (log_rate - log_theta_plus_rate)
-    )
+    return _NegativeBinomialLogLikelihood.apply(x, log_rate, log_theta)
 
 
 class PerturbXModule(BaseModuleClass):
@@ -294,9 +360,9 @@ class PerturbXModule(BaseModuleClass):
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
         if "log_rate" in generative_outputs:
-            reconstruction = -negative_binomial_log_prob(
+            reconstruction = -negative_binomial_log_likelihood(
                 x, generative_outputs["log_rate"], self.log_dispersion
-            ).sum(-1)
+            )
         else:
             reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)
         qz = inference_outputs["qz"]
