@@ -19,6 +19,9 @@ Each seed draws a new split (simulator: a new screen too) and trains the models 
 seed. Methods, side by side on the same held-out conditions:
 
 - ``PerturbX``: drug embeddings from the Morgan fingerprint (genes: learned embeddings).
+- ``PerturbX (ensemble of K)`` (``--ensemble K``, drug screens): the predicted cells of K
+  PerturbX models trained with seeds ``seed, seed + 1000, ...`` (the first is ``PerturbX``)
+  pooled, so each condition's prediction is the mean of the K models' predictions.
 - ``PerturbX (learned only)``: set up without SMILES (drugs): an unseen drug has an untrained
   embedding, so this is the floor of what a non-chemical model can do; on Norman the genes
   are seen in training and this is the only PerturbX variant.
@@ -164,6 +167,18 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
         )
         pred.obs["method"] = name
         predictions.append(pred)
+    if args.ensemble > 1 and PERTURBX in models:
+        members = [predictions[0]]
+        for k in range(1, args.ensemble):
+            _, pred, member_seconds = train_and_predict(
+                adata, variants[PERTURBX], model_kwargs, args, seed + 1000 * k, test
+            )
+            members.append(pred)
+            seconds[PERTURBX] += member_seconds
+        name = f"{PERTURBX} (ensemble of {args.ensemble})"
+        pooled = ad.concat(members, index_unique="-")
+        pooled.obs["method"] = name
+        predictions.append(pooled)
 
     targets = predictions[0].obs[[pkey, dkey, *ckeys]].drop_duplicates()
     common = dict(perturbation_key=pkey, dose_key=dkey, covariate_keys=ckeys)
@@ -270,6 +285,10 @@ def main() -> None:
     parser.add_argument(
         "--learned-only", action=argparse.BooleanOptionalAction, default=True,
         help="also train PerturbX without SMILES on drug screens (--no-learned-only: skip)",
+    )
+    parser.add_argument(
+        "--ensemble", type=int, default=1,
+        help="also score an ensemble of this many PerturbX models (drug screens; 1: none)",
     )
     parser.add_argument("--n-source-cells", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)

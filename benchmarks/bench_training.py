@@ -4,6 +4,11 @@ Usage::
 
     python benchmarks/bench_training.py                      # CPA default architecture, batch 128
     python benchmarks/bench_training.py --batch-sizes 128 256 512 1024 --json out.json
+    python benchmarks/bench_training.py --repeats 5       # median and range of 5 runs
+
+Throughput on a shared VM varies by up to ±20% from run to run, so compare medians of
+several runs (``--repeats``), not single runs. Peak RSS is the process's maximum so far, so
+with ``--repeats`` it covers all runs (models of earlier runs are not all returned to the OS).
 
 The data is a simulated NB drug screen (``perturbx.data.simulate_drug_screen``), stored as a
 sparse CSR matrix. Throughput counts training cells processed per second of ``Trainer.fit``
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train this many times per batch size; report median and range")
     parser.add_argument("--json", default=None, help="write results to this JSON file")
     parser.add_argument(
         "--model-kwargs", type=json.loads, default={},
@@ -124,24 +131,35 @@ def main() -> None:
     )
     rows = []
     for batch_size in args.batch_sizes:
-        cells_per_s, gflops = run(args.n_cells, args.n_genes, batch_size, args.epochs, arch)
+        runs = [
+            run(args.n_cells, args.n_genes, batch_size, args.epochs, arch)
+            for _ in range(args.repeats)
+        ]
+        speeds = [cells_per_s for cells_per_s, _ in runs]
+        median = float(np.median(speeds))
+        gflops = float(np.median([g for _, g in runs]))
         rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         rows.append(
             {
                 "n_cells": args.n_cells,
                 "n_genes": args.n_genes,
                 "batch_size": batch_size,
-                "cells_per_s": round(cells_per_s),
+                "cells_per_s": round(median),
+                "cells_per_s_runs": [round(v) for v in speeds],
                 "gflops": round(gflops, 1),
                 "fraction_of_matmul": round(gflops / peak_matmul, 3),
                 "peak_rss_gib": round(rss_gib, 2),
             }
         )
         print(rows[-1], flush=True)
-    print(f"\n{'batch':>6} {'cells/s':>9} {'GFLOP/s':>8} {'of matmul':>9} {'peak RSS GiB':>12}")
+    print(
+        f"\n{'batch':>6} {'cells/s':>9} {'range':>13} {'GFLOP/s':>8} {'of matmul':>9} "
+        f"{'peak RSS GiB':>12}"
+    )
     for r in rows:
+        spread = f"{min(r['cells_per_s_runs'])}-{max(r['cells_per_s_runs'])}"
         print(
-            f"{r['batch_size']:>6} {r['cells_per_s']:>9} {r['gflops']:>8} "
+            f"{r['batch_size']:>6} {r['cells_per_s']:>9} {spread:>13} {r['gflops']:>8} "
             f"{r['fraction_of_matmul']:>9.1%} {r['peak_rss_gib']:>12}"
         )
     if args.json:

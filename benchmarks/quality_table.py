@@ -26,6 +26,15 @@ NAMES = {"perturbed_centroid": "mean baseline (perturbed centroid)",
          "control_mean": "control mean",
          "interpolated_duplicate": "positive control (interpolated duplicate)",
          "linear": "linear (ridge / additive)"}
+
+
+def ordered(methods) -> list[str]:
+    """Methods in table order; ensembles ("PerturbX (ensemble of K)") after PerturbX."""
+    present = set(methods)
+    ensembles = sorted(m for m in present if m.startswith("PerturbX (ensemble"))
+    return [m for m in ORDER[:1] + ensembles + ORDER[1:] if m in present]
+
+
 METRICS = ["weighted_mse", "weighted_r2_delta_centroid", "pearson_delta_centroid_top20",
            "centroid_accuracy"]
 
@@ -39,7 +48,7 @@ def rows(prefix: str) -> list[str]:
         wide = per_condition[per_condition["dataset"] == dataset].pivot_table(
             index=["seed", "condition"], columns="method", values="weighted_mse", dropna=False)
         ours = "PerturbX" if "PerturbX" in wide else "PerturbX (learned only)"
-        for method in [m for m in ORDER if m in set(part["method"])]:
+        for method in ordered(part["method"]):
             medians = part[part["method"] == method].set_index("metric")["median"]
             cells = ["—" if pd.isna(medians[m]) else f"{medians[m]:.3f}" for m in METRICS]
             both = wide[[ours, method]].dropna() if method != ours else None
@@ -59,7 +68,7 @@ def dose_rows(prefix: str) -> list[str]:
             continue  # combinations ("1+1"): no single dose axis
         medians = part.assign(dose=doses).groupby(["dose", "method"])[
             ["weighted_mse", "weighted_r2_delta_centroid"]].median()
-        methods = [m for m in ORDER if m in set(part["method"])]
+        methods = ordered(part["method"])
         for dose in sorted(doses.unique()):
             cells = []
             for m in methods:
