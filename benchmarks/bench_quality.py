@@ -19,9 +19,10 @@ Each seed draws a new split (simulator: a new screen too) and trains the models 
 seed. Methods, side by side on the same held-out conditions:
 
 - ``PerturbX``: drug embeddings from the Morgan fingerprint (genes: learned embeddings).
-- ``PerturbX (ensemble of K)`` (``--ensemble K``, drug screens): the predicted cells of K
-  PerturbX models trained with seeds ``seed, seed + 1000, ...`` (the first is ``PerturbX``)
-  pooled, so each condition's prediction is the mean of the K models' predictions.
+- ``PerturbX (ensemble of K)`` (``--ensemble K``, drug screens): a
+  :class:`perturbx.PerturbXEnsemble` of K PerturbX models trained with seeds ``seed,
+  seed + 1000, ...`` (the first is ``PerturbX``); each predicted cell is sampled from one
+  member in turn, so a condition's prediction is the mixture of the K models'.
 - ``PerturbX (learned only)``: set up without SMILES (drugs): an unseen drug has an untrained
   embedding, so this is the floor of what a non-chemical model can do; on Norman the genes
   are seen in training and this is the only PerturbX variant.
@@ -117,12 +118,11 @@ DATASETS = {"simulator": simulator, "lincs": lincs, "norman": norman}
 
 
 # ------------------------------------------------------------------------------- methods
-def train_and_predict(adata, setup, model_kwargs, args, seed, test):
-    """Train a PerturbX on the split's training cells; its log-normalised test predictions."""
+def train_model(adata, setup, model_kwargs, args, seed):
+    """Train a PerturbX on the split's training cells; the model and its training seconds."""
     import scvi
 
     from perturbx import PerturbX
-    from perturbx.metrics import log_normalise
 
     adata = adata.copy()
     PerturbX.setup_anndata(adata, **setup)
@@ -134,15 +134,21 @@ def train_and_predict(adata, setup, model_kwargs, args, seed, test):
         enable_progress_bar=False, plan_kwargs=args.plan_kwargs or None,
         **({"batch_size": args.batch_size} if args.batch_size else {}),
     )
-    seconds = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def predict_held_out(model, setup, args, seed, test):
+    """Log-normalised predictions of the test conditions by a PerturbX or PerturbXEnsemble."""
+    from perturbx.metrics import log_normalise
+
     if "smiles_key" not in setup and "smiles" in test.obs:
         # Without a drug encoder the held-out drugs are vocabulary entries (untrained).
         test = test.copy()
         del test.obs["smiles"]
     pred = model.predict_conditions(test, n_cells_per_target=args.n_source_cells, seed=seed)
-    matrix, _ = log_normalise(pred.X, counts=model.module.likelihood != "gaussian")
-    pred = ad.AnnData(np.asarray(matrix), obs=pred.obs.copy(), var=pred.var.copy())
-    return model, pred, seconds
+    counts = pred.uns["perturbx_prediction"]["likelihood"] != "gaussian"
+    matrix, _ = log_normalise(pred.X, counts=counts)
+    return ad.AnnData(np.asarray(matrix), obs=pred.obs.copy(), var=pred.var.copy())
 
 
 def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
@@ -162,23 +168,24 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
         variants[LEARNED] = setup
     models = {}
     for name, variant_setup in variants.items():
-        models[name], pred, seconds[name] = train_and_predict(
-            adata, variant_setup, model_kwargs, args, seed, test
-        )
+        models[name], seconds[name] = train_model(adata, variant_setup, model_kwargs, args, seed)
+        pred = predict_held_out(models[name], variant_setup, args, seed, test)
         pred.obs["method"] = name
         predictions.append(pred)
     if args.ensemble > 1 and PERTURBX in models:
-        members = [predictions[0]]
+        from perturbx import PerturbXEnsemble
+
+        members = [models[PERTURBX]]
         for k in range(1, args.ensemble):
-            _, pred, member_seconds = train_and_predict(
-                adata, variants[PERTURBX], model_kwargs, args, seed + 1000 * k, test
+            member, member_seconds = train_model(
+                adata, variants[PERTURBX], model_kwargs, args, seed + 1000 * k
             )
-            members.append(pred)
+            members.append(member)
             seconds[PERTURBX] += member_seconds
-        name = f"{PERTURBX} (ensemble of {args.ensemble})"
-        pooled = ad.concat(members, index_unique="-")
-        pooled.obs["method"] = name
-        predictions.append(pooled)
+        ensemble = PerturbXEnsemble.from_models(members, seed=seed)
+        pred = predict_held_out(ensemble, variants[PERTURBX], args, seed, test)
+        pred.obs["method"] = f"{PERTURBX} (ensemble of {args.ensemble})"
+        predictions.append(pred)
 
     targets = predictions[0].obs[[pkey, dkey, *ckeys]].drop_duplicates()
     common = dict(perturbation_key=pkey, dose_key=dkey, covariate_keys=ckeys)

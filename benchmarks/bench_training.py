@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_training.py                      # CPA default architecture, batch 128
     python benchmarks/bench_training.py --batch-sizes 128 256 512 1024 --json out.json
     python benchmarks/bench_training.py --repeats 5       # median and range of 5 runs
+    python benchmarks/bench_training.py --precision bf16-mixed   # bfloat16 autocast
 
 Throughput on a shared VM varies by up to ±20% from run to run, so compare medians of
 several runs (``--repeats``), not single runs. Peak RSS is the process's maximum so far, so
@@ -77,7 +78,15 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def run(n_cells: int, n_genes: int, batch_size: int, epochs: int, arch: dict, seed: int = 0):
+def run(
+    n_cells: int,
+    n_genes: int,
+    batch_size: int,
+    epochs: int,
+    arch: dict,
+    seed: int = 0,
+    precision: str = "32",
+):
     import perturbx
 
     adata = perturbx.data.simulate_drug_screen(n_cells=n_cells, n_genes=n_genes, seed=seed)
@@ -98,6 +107,7 @@ def run(n_cells: int, n_genes: int, batch_size: int, epochs: int, arch: dict, se
         callbacks=[timer],
         enable_progress_bar=False,
         seed=seed,
+        precision=precision,
     )
     timed = timer.times[1:] if len(timer.times) > 1 else timer.times
     cells_per_s = n_cells * len(timed) / sum(timed)
@@ -120,6 +130,10 @@ def main() -> None:
         "--model-kwargs", type=json.loads, default={},
         help='JSON merged into the architecture, e.g. \'{"variational": false}\'',
     )
+    parser.add_argument(
+        "--precision", default="32",
+        help='Lightning precision, e.g. "bf16-mixed" (bfloat16 matmuls under autocast)',
+    )
     args = parser.parse_args()
 
     arch = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3)
@@ -132,7 +146,8 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         runs = [
-            run(args.n_cells, args.n_genes, batch_size, args.epochs, arch)
+            run(args.n_cells, args.n_genes, batch_size, args.epochs, arch,
+                precision=args.precision)
             for _ in range(args.repeats)
         ]
         speeds = [cells_per_s for cells_per_s, _ in runs]
@@ -144,6 +159,7 @@ def main() -> None:
                 "n_cells": args.n_cells,
                 "n_genes": args.n_genes,
                 "batch_size": batch_size,
+                "precision": args.precision,
                 "cells_per_s": round(median),
                 "cells_per_s_runs": [round(v) for v in speeds],
                 "gflops": round(gflops, 1),

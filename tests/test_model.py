@@ -265,6 +265,34 @@ def test_sampled_predictions_are_counts_and_seeded(trained):
     assert model.predict(**kw).uns["perturbx_prediction"]["values"] == "samples"
 
 
+def test_repeated_sources_give_every_target_its_cells_with_new_draws(trained):
+    model, adata = trained
+    controls = adata[adata.obs["drug"] == "control"].copy()
+    few = controls[:7].copy()  # 7 source cells for 30 predicted cells: each used 4 or 5 times
+    kw = dict(target="caffeine", n_cells_per_target=30, repeat_sources=True, seed=0)
+    drawn = model.predict(few, sample=True, **kw)
+    assert drawn.n_obs == 30
+    uses = drawn.obs["source_cell"].value_counts()
+    assert set(uses.index) == set(few.obs_names) and set(uses) <= {4, 5}
+    X = np.asarray(drawn.X)
+    first_cell = (drawn.obs["source_cell"] == few.obs_names[0]).to_numpy()
+    assert len({tuple(row) for row in X[first_cell]}) > 1  # a new draw at every use
+    expected = np.asarray(model.predict(few, **kw).X)
+    assert all(np.array_equal(row, expected[first_cell][0]) for row in expected[first_cell])
+    # without repeat_sources a target gets at most the matching cells, once each
+    assert model.predict(few, target="caffeine", n_cells_per_target=30).n_obs == 7
+    with pytest.raises(ValueError, match="needs n_cells_per_target"):
+        model.predict(few, target="caffeine", repeat_sources=True)
+
+
+def test_predict_conditions_draws_the_asked_number_of_cells_from_few_controls(trained):
+    model, adata = trained
+    held = adata[adata.obs["drug"].isin(["control", "caffeine"])].copy()
+    n_controls = held.obs.loc[held.obs["drug"] == "control", "cell_type"].value_counts()
+    assert n_controls.max() < 100
+    pred = model.predict_conditions(held, n_cells_per_target=100, seed=0)
+    assert (pred.obs.groupby("cell_type", observed=True).size() == 100).all()
+
 def test_load_without_adata_then_predict_on_new_cells(trained, tmp_path):
     model, adata = trained
     model.save(tmp_path / "m", overwrite=True)

@@ -1,7 +1,8 @@
 """perturbx: predict single-cell responses to perturbations, including unseen molecules.
 
-``perturbx.PerturbX`` is the model (scvi-tools); ``perturbx.metrics`` scores anyone's
-predictions without torch; ``perturbx.data`` holds the simulator and the splits;
+``perturbx.PerturbX`` is the model (scvi-tools) and ``perturbx.PerturbXEnsemble`` averages
+several of them; ``perturbx.metrics`` scores anyone's predictions without torch;
+``perturbx.data`` holds the simulator and the splits;
 ``perturbx.datasets`` loads real screens; ``perturbx.plotting`` draws the figures;
 ``perturbx.baselines`` holds the linear and additive baselines; ``perturbx.tune`` runs
 hyperparameter searches (optional extra ``perturbx[tune]``).
@@ -16,7 +17,7 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
 _SUBMODULES = ("baselines", "chem", "data", "datasets", "metrics", "plotting", "tune")
-__all__ = ["PerturbX", "__version__", *_SUBMODULES]
+__all__ = ["PerturbX", "PerturbXEnsemble", "__version__", *_SUBMODULES]
 
 
 def __getattr__(name: str):
@@ -25,6 +26,10 @@ def __getattr__(name: str):
         from perturbx.model import PerturbX
 
         return PerturbX
+    if name == "PerturbXEnsemble":
+        from perturbx.ensemble import PerturbXEnsemble
+
+        return PerturbXEnsemble
     if name in _SUBMODULES:
         return import_module(f"perturbx.{name}")
     raise AttributeError(f"module 'perturbx' has no attribute {name!r}")

@@ -93,6 +93,7 @@ class PredictionMixin:
         n_cells_per_target: int | None = None,
         library_size: Literal["observed"] | float = "observed",
         sample: bool = False,
+        repeat_sources: bool = False,
         batch_size: int = 1024,
         seed: int = 0,
     ) -> AnnData:
@@ -126,6 +127,13 @@ class PredictionMixin:
             every cell (e.g. ``1e4`` for normalised expression). Counts likelihoods only.
         sample
             Draw from ``p(x | z)`` instead of returning its mean.
+        repeat_sources
+            When fewer source cells than ``n_cells_per_target`` match a target, use each of
+            them several times so that the target still gets ``n_cells_per_target`` cells
+            (all of them ``⌊n / n_sources⌋`` times, a seeded subsample once more). With
+            ``sample=True`` every use is a new draw, so the predicted condition's statistics
+            are estimated from more draws of the model's distribution; without sampling the
+            repeats are identical.
         batch_size
             Cells per forward pass.
         seed
@@ -139,6 +147,8 @@ class PredictionMixin:
         covariates, ``condition``, and for molecules not in the training data their
         ``smiles``, ``max_tanimoto_to_training`` and ``nearest_training_drug``.
         """
+        if repeat_sources and n_cells_per_target is None:
+            raise ValueError("repeat_sources=True needs n_cells_per_target (cells per target).")
         self.module.eval()
         state = self._perturbation_state
         categories = self._covariate_categories
@@ -170,6 +180,10 @@ class PredictionMixin:
                 )
             if n_cells_per_target is not None and len(rows) > n_cells_per_target:
                 rows = np.sort(rng.choice(rows, n_cells_per_target, replace=False))
+            elif repeat_sources and len(rows) < n_cells_per_target:
+                repeats, remainder = divmod(n_cells_per_target, len(rows))
+                extra_rows = rng.choice(rows, remainder, replace=False)
+                rows = np.sort(np.concatenate([np.repeat(rows, repeats), extra_rows]))
             target_rows.append(rows)
         # Filled batch by batch: peak memory is the result plus one batch, not twice the result.
         predicted = np.empty((sum(map(len, target_rows)), adata.n_vars), dtype=np.float32)
@@ -332,7 +346,10 @@ class PredictionMixin:
             Perturbations need not be known to the model if they have SMILES in the
             registered SMILES column.
         n_cells_per_target
-            Source control cells per predicted condition (seeded subsample).
+            Predicted cells per condition: a seeded subsample of the matching control cells.
+            With a counts likelihood, when fewer control cells match, each is used several
+            times, every time with a new draw (``repeat_sources`` of :meth:`predict`): a
+            condition's predicted mean then does not carry the noise of a few draws.
         seed
             Seed of the subsampling and of the sampling.
         batch_size
@@ -392,8 +409,10 @@ class PredictionMixin:
             source=source_cells,
             n_cells_per_target=n_cells_per_target,
             # Counts: samples, so that predictions and cells share the noise that the
-            # log-normalisation turns into bias (log of a mean != mean of logs).
+            # log-normalisation turns into bias (log of a mean != mean of logs), and enough
+            # of them that the predicted condition is not just a few draws.
             sample=self.module.likelihood in COUNT_LIKELIHOODS,
+            repeat_sources=self.module.likelihood in COUNT_LIKELIHOODS,
             batch_size=batch_size,
             seed=seed,
         )
@@ -426,7 +445,7 @@ class PredictionMixin:
             Perturbations need not be known to the model if they have SMILES in the
             registered SMILES column.
         n_cells_per_target
-            Source control cells per predicted condition (seeded subsample).
+            Predicted cells per condition (see :meth:`predict_conditions`).
         baselines, top_k
             See :func:`perturbx.metrics.score`.
         method_name
@@ -441,8 +460,15 @@ class PredictionMixin:
         :class:`perturbx.metrics.EvaluationResult` (``per_condition`` tidy table,
         ``summary`` median/mean per method, ``calibration``, ``normalised``).
         """
-        from perturbx.metrics import score
+        self._check_can_score()
+        pred = self.predict_conditions(
+            adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
+        )
+        return self._score_predictions(
+            pred, adata_eval, baselines=baselines, top_k=top_k, method_name=method_name, seed=seed
+        )
 
+    def _check_can_score(self) -> None:
         layer = self.registry["setup_args"]["layer"]
         if self.adata is not None and is_on_disk(self.adata, layer):
             raise ValueError(
@@ -452,11 +478,23 @@ class PredictionMixin:
                 "perturbx.metrics.score(..., centroid_reference=model.adata[cells].to_memory()) "
                 "with a subsample of training cells, or load the model with an in-memory AnnData."
             )
-        pred = self.predict_conditions(
-            adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
-        )
+
+    def _score_predictions(
+        self,
+        pred: AnnData,
+        adata_eval: AnnData,
+        *,
+        baselines: Sequence[str],
+        top_k: Sequence[int],
+        method_name: str,
+        seed: int,
+    ):
+        """Score predictions of ``adata_eval``'s conditions as :meth:`evaluate` does."""
+        from perturbx.metrics import score
+
         pred.obs["method"] = method_name
         state = self._perturbation_state
+        layer = self.registry["setup_args"]["layer"]
         return score(
             pred,
             adata_eval,
@@ -465,7 +503,7 @@ class PredictionMixin:
             dose_key=state["dose_key"],
             covariate_keys=list(self._covariate_categories),
             method_key="method",
-            layer=self.registry["setup_args"]["layer"],
+            layer=layer,
             counts=self.module.likelihood in COUNT_LIKELIHOODS,
             top_k=top_k,
             baselines=baselines,

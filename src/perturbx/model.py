@@ -347,6 +347,8 @@ class PerturbX(PredictionMixin, UnsupervisedTrainingMixin, BaseModelClass):
             }
             train_size = validation_size = None
             has_validation = len(kwargs["datasplitter_kwargs"]["external_indexing"][1]) > 0
+        elif "external_indexing" in kwargs.get("datasplitter_kwargs", {}):
+            has_validation = len(kwargs["datasplitter_kwargs"]["external_indexing"][1]) > 0
         else:
             has_validation = train_size is None or train_size < 1.0 or bool(validation_size)
         # Validation metrics every epoch (history), unless there are no validation cells.
