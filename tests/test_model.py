@@ -350,22 +350,22 @@ def test_mixed_precision_training_embeds_drugs_and_stays_finite():
     assert np.isfinite(np.asarray(pred.X)).all()
 
 
-@pytest.mark.parametrize("mean_count", [0.2, 5.0])  # sparse and dense minibatches
+@pytest.mark.parametrize("mean_count", [0.2, 5.0, 60.0])
 def test_negative_binomial_log_likelihood_matches_scvi_and_autograd(mean_count):
     """The hand-written NB likelihood equals scvi's NB log-probability summed over genes, and
-    its backward equals finite differences, on sparse counts (gamma functions evaluated on
-    non-zero entries only) and on dense counts (on all entries)."""
+    its backward equals finite differences: on counts inside the gamma-function tables
+    (0..32), above them and non-integer, sparse and dense."""
     from scvi.distributions import NegativeBinomial
 
-    from perturbx.module import _SPARSE_GAMMA_MAX_DENSITY, negative_binomial_log_likelihood
+    from perturbx.module import _GAMMA_TABLE_MAX_COUNT, negative_binomial_log_likelihood
 
     rng = np.random.default_rng(0)
-    counts = rng.poisson(mean_count, size=(6, 9))
+    counts = rng.poisson(mean_count, size=(6, 9)).astype(np.float64)
     counts[2] = 0  # a cell without counts
     counts[:, 4] = 0  # a gene without counts
     counts[0, 0] = 250  # a large count
-    density = (counts > 0).mean()
-    assert (density <= _SPARSE_GAMMA_MAX_DENSITY) == (mean_count < 1)
+    counts[1, 1] = _GAMMA_TABLE_MAX_COUNT  # the table's last column
+    counts[3, 2] = 2.5  # a non-integer count (e.g. ambient-corrected data)
     x = torch.tensor(counts, dtype=torch.float64)
     log_rate = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
     log_theta = torch.randn(9, dtype=torch.float64, requires_grad=True)
@@ -373,8 +373,8 @@ def test_negative_binomial_log_likelihood_matches_scvi_and_autograd(mean_count):
     value = negative_binomial_log_likelihood(x, log_rate, log_theta)
     expected = NegativeBinomial(mu=log_rate.exp(), theta=log_theta.exp()).log_prob(x).sum(-1)
     assert value.shape == (6,)
-    # scvi adds eps = 1e-8 inside its logarithms
-    torch.testing.assert_close(value, expected, atol=1e-5, rtol=0)
+    # scvi adds eps = 1e-8 inside its logarithms (an error growing with the counts)
+    torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-7)
     assert torch.autograd.gradcheck(
         lambda rate, theta: negative_binomial_log_likelihood(x, rate, theta),
         (log_rate, log_theta),
