@@ -98,7 +98,7 @@ class _NegativeBinomialLogLikelihood(torch.autograd.Function):
         lgamma_table = F.pad(steps.log().cumsum(-1), (1, 0)) - torch.lgamma(counts_range + 1)
         position, outside = _table_positions(x)
         gamma = _look_up(lgamma_table, position, x.shape).sum(-1)
-        cell = gene = outside_counts = None
+        outside_counts = None
         if outside.numel():
             cell, gene = outside // x.shape[-1], outside % x.shape[-1]
             outside_counts = x.reshape(-1)[outside]
