@@ -259,14 +259,24 @@ class PerturbXModule(BaseModuleClass):
 
     # ----------------------------------------------------------------- parameter groups
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters of the three optimisers: autoencoder, dose response, adversaries."""
+        """Parameters by learning rate: autoencoder, dose response, NB dispersion, adversaries.
+
+        ``dispersion`` holds the gene-wise inverse dispersion of counts likelihoods (empty
+        for ``gaussian``).
+        """
         dose = list(self.dose_response.parameters())
+        dispersion = [self.log_dispersion] if self.likelihood in COUNT_LIKELIHOODS else []
         adversary = list(self.perturbation_adversary.parameters()) + list(
             self.covariate_adversaries.parameters()
         )
-        taken = {id(p) for p in dose + adversary}
+        taken = {id(p) for p in dose + dispersion + adversary}
         autoencoder = [p for p in self.parameters() if id(p) not in taken]
-        return {"autoencoder": autoencoder, "dose_response": dose, "adversary": adversary}
+        return {
+            "autoencoder": autoencoder,
+            "dose_response": dose,
+            "dispersion": dispersion,
+            "adversary": adversary,
+        }
 
     # ----------------------------------------------------------------------- inference
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
