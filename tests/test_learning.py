@@ -74,9 +74,9 @@ def test_learned_dispersion_reaches_the_simulated_one(screen):
     model, adata = screen
     learned = model.module.log_dispersion.exp().detach().numpy()
     true = adata.uns["simulation"]["nb_theta"]
-    # From its start at 1 the inverse dispersion must travel to the simulated ~5; at the
+    # From its start at 1 the inverse dispersion must travel to the simulated ~5. At the
     # autoencoder's learning rate it gets about a quarter of the way in this run (ratio 0.27
-    # with dispersion_lr=1e-3), too noisy samples whose log-means are biased low.
+    # with dispersion_lr=1e-3), which makes sampled cells too noisy, their log-means too low.
     assert 0.6 < np.median(learned / true) < 1.5
 
 
