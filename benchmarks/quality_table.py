@@ -59,7 +59,11 @@ def rows(prefix: str) -> list[str]:
 
 
 def dose_rows(prefix: str) -> list[str]:
-    """Markdown rows per dataset × dose: median weighted MSE / weighted R² Δ per method."""
+    """Markdown tables per dataset (one row per dose): median weighted MSE / weighted R² Δ.
+
+    Each dataset gets its own table (with its own header), since datasets can differ in the
+    methods scored.
+    """
     per_condition = pd.read_csv(f"{prefix}.csv")
     out = []
     for dataset, part in per_condition.groupby("dataset", sort=False):
@@ -69,14 +73,16 @@ def dose_rows(prefix: str) -> list[str]:
         medians = part.assign(dose=doses).groupby(["dose", "method"])[
             ["weighted_mse", "weighted_r2_delta_centroid"]].median()
         methods = ordered(part["method"])
+        if out:
+            out.append("")
+        out += ["| dataset | dose | " + " | ".join(NAMES.get(m, m) for m in methods) + " |",
+                "|---|---|" + "---|" * len(methods)]
         for dose in sorted(doses.unique()):
             cells = []
             for m in methods:
                 mse, r2 = medians.loc[(dose, m)]
                 cells.append("—" if pd.isna(mse) else f"{mse:.3f} / {r2:+.3f}")
             out.append(f"| {dataset} | {dose:g} | " + " | ".join(cells) + " |")
-        header = "| dataset | dose | " + " | ".join(NAMES.get(m, m) for m in methods) + " |"
-        out = [header, "|---|---|" + "---|" * len(methods), *out]
     return out
 
 

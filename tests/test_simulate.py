@@ -101,6 +101,20 @@ def test_same_seed_same_data_and_different_seed_differs(small):
     )
 
 
+def test_ground_truth_does_not_depend_on_the_number_of_cells(small):
+    # bench_quality.py scores held-out drugs against a larger screen with the same seed.
+    larger = simulate_drug_screen(**{**SMALL, "n_cells": 10 * SMALL["n_cells"]}, seed=3)
+    truth, larger_truth = small.uns["simulation"], larger.uns["simulation"]
+    for key in ("lfc_max", "baseline_log_mean", "affected_genes", "nb_theta"):
+        np.testing.assert_array_equal(truth[key], larger_truth[key], err_msg=key)
+    for drug in truth["drug_names"]:
+        np.testing.assert_array_equal(
+            true_log_fold_change(small, drug, 1.0, "cell_type_0"),
+            true_log_fold_change(larger, drug, 1.0, "cell_type_0"),
+        )
+    assert larger.n_obs == 10 * small.n_obs
+
+
 def test_ground_truth_survives_h5ad(small, tmp_path):
     path = tmp_path / "sim.h5ad"
     small.write_h5ad(path)

@@ -144,7 +144,7 @@ def test_reported_metric_is_that_of_the_validation_conditions(search):
 def test_default_search_space_is_documented_and_routable():
     space = default_search_space()
     assert set(space) == {"n_latent", "dropout_rate", "dose_response", "lr", "dose_lr",
-                          "adversary_lr", "adversary_weight", "adversary_every"}
+                          "dispersion_lr", "adversary_lr", "adversary_weight", "adversary_every"}
     known = {k for keys in search_space_keys().values() for k in keys}
     assert set(space) <= known
     assert "adversary_weight" in search_space_keys()["plan"]

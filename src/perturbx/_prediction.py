@@ -1,9 +1,10 @@
-"""Counterfactual queries of a trained ``PerturbX``: prediction, embeddings, evaluation.
+"""Counterfactual queries of a trained ``PerturbX``: prediction, embeddings, dose responses.
 
 :class:`PredictionMixin` holds everything that resolves target conditions (names, dose,
 covariates, or SMILES of molecules never seen in training) into the module's inputs and
-decodes the answer: :meth:`~PredictionMixin.predict`, the perturbation embeddings and dose
-responses, and the evaluation of held-out conditions against baselines.
+decodes the answer: :meth:`~PredictionMixin.predict`, :meth:`~PredictionMixin.predict_conditions`,
+the perturbation embeddings and dose responses. Scoring predictions against baselines lives
+in :mod:`perturbx._evaluation`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from scvi import REGISTRY_KEYS
 
 from perturbx._targets import KEEP_SOURCE, resolve_targets
 from perturbx.chem import canonical_smiles, nearest_reference
-from perturbx.data._backed import is_on_disk
 from perturbx.data._fields import split_smiles_combination
 from perturbx.data._validation import check_obs
 from perturbx.module import COUNT_LIKELIHOODS, split_perturbations
 
 
 class PredictionMixin:
-    """Counterfactual prediction, perturbation embeddings and evaluation for ``PerturbX``.
+    """Counterfactual prediction, perturbation embeddings and dose responses for ``PerturbX``.
 
     Mixed into :class:`perturbx.PerturbX` (as scvi-tools mixes ``RNASeqMixin`` into its
     models); relies on its ``module``, registry properties (``_perturbation_state``,
@@ -419,97 +419,6 @@ class PredictionMixin:
         if layer is not None:
             pred.layers[layer] = pred.X
         return pred
-
-    def evaluate(
-        self,
-        adata_eval: AnnData,
-        *,
-        n_cells_per_target: int | None = 500,
-        baselines: Sequence[str] = ("control_mean", "perturbed_centroid", "interpolated_duplicate"),
-        top_k: Sequence[int] = (20, 50),
-        method_name: str = "PerturbX",
-        seed: int = 0,
-        batch_size: int = 1024,
-    ):
-        """Predict every condition of ``adata_eval`` counterfactually and score it with baselines.
-
-        The predictions of :meth:`predict_conditions` are scored with
-        :func:`perturbx.metrics.score` against the real cells of ``adata_eval``, side by side
-        with the baselines. The perturbed centroid is the mean of the *training* conditions
-        of the model's AnnData.
-
-        Parameters
-        ----------
-        adata_eval
-            Held-out cells: the conditions to evaluate (and, ideally, held-out controls).
-            Perturbations need not be known to the model if they have SMILES in the
-            registered SMILES column.
-        n_cells_per_target
-            Predicted cells per condition (see :meth:`predict_conditions`).
-        baselines, top_k
-            See :func:`perturbx.metrics.score`.
-        method_name
-            Name of the model's rows in the result.
-        seed
-            Seed of the subsampling, of the sampling and of the positive control's half split.
-        batch_size
-            Cells per forward pass.
-
-        Returns
-        -------
-        :class:`perturbx.metrics.EvaluationResult` (``per_condition`` tidy table,
-        ``summary`` median/mean per method, ``calibration``, ``normalised``).
-        """
-        self._check_can_score()
-        pred = self.predict_conditions(
-            adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
-        )
-        return self._score_predictions(
-            pred, adata_eval, baselines=baselines, top_k=top_k, method_name=method_name, seed=seed
-        )
-
-    def _check_can_score(self) -> None:
-        layer = self.registry["setup_args"]["layer"]
-        if self.adata is not None and is_on_disk(self.adata, layer):
-            raise ValueError(
-                "evaluate needs the expression of the model's training cells in memory (their "
-                "condition means form the perturbed centroid), but the model's AnnData is read "
-                "from disk (backed). Use predict_conditions(adata_eval) and "
-                "perturbx.metrics.score(..., centroid_reference=model.adata[cells].to_memory()) "
-                "with a subsample of training cells, or load the model with an in-memory AnnData."
-            )
-
-    def _score_predictions(
-        self,
-        pred: AnnData,
-        adata_eval: AnnData,
-        *,
-        baselines: Sequence[str],
-        top_k: Sequence[int],
-        method_name: str,
-        seed: int,
-    ):
-        """Score predictions of ``adata_eval``'s conditions as :meth:`evaluate` does."""
-        from perturbx.metrics import score
-
-        pred.obs["method"] = method_name
-        state = self._perturbation_state
-        layer = self.registry["setup_args"]["layer"]
-        return score(
-            pred,
-            adata_eval,
-            perturbation_key=state["perturbation_key"],
-            control_value=state["control_value"],
-            dose_key=state["dose_key"],
-            covariate_keys=list(self._covariate_categories),
-            method_key="method",
-            layer=layer,
-            counts=self.module.likelihood in COUNT_LIKELIHOODS,
-            top_k=top_k,
-            baselines=baselines,
-            seed=seed,
-            centroid_reference=self.adata[self._training_indices()],
-        )
 
     def _training_indices(self) -> np.ndarray:
         if self.train_indices_ is None:

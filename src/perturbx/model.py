@@ -15,6 +15,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalJointObsField, LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from perturbx._evaluation import EvaluationMixin
 from perturbx._prediction import PredictionMixin
 from perturbx.chem import MorganFeaturizer, canonical_smiles
 from perturbx.data._backed import (
@@ -36,7 +37,7 @@ from perturbx.train import PerturbXTrainingPlan, resolve_ddp_strategy
 logger = logging.getLogger(__name__)
 
 
-class PerturbX(PredictionMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Compositional perturbation autoencoder with chemistry-aware drug embeddings.
 
     Each cell is encoded to a *basal latent* from which adversaries try to predict the

@@ -54,6 +54,8 @@ def default_search_space() -> dict[str, Any]:
           ``amortized`` is ``logsigm`` for perturbations without SMILES.
         - ``lr``: autoencoder learning rate, ``loguniform(1e-4, 3e-3)`` (training plan).
         - ``dose_lr``: dose-response learning rate, ``loguniform(1e-4, 3e-3)`` (plan).
+        - ``dispersion_lr``: learning rate of the NB / ZINB inverse dispersion,
+          ``loguniform(1e-3, 3e-2)`` (plan; no effect with the ``gaussian`` likelihood).
         - ``adversary_lr``: adversary learning rate, ``loguniform(1e-4, 3e-3)`` (plan).
         - ``adversary_weight``: final weight ``λ`` of the adversarial term,
           ``loguniform(1.0, 300.0)`` (plan).
@@ -71,6 +73,7 @@ def default_search_space() -> dict[str, Any]:
         "dose_response": tune.choice(["amortized", "logsigm", "sigm", "linear"]),
         "lr": tune.loguniform(1e-4, 3e-3),
         "dose_lr": tune.loguniform(1e-4, 3e-3),
+        "dispersion_lr": tune.loguniform(1e-3, 3e-2),
         "adversary_lr": tune.loguniform(1e-4, 3e-3),
         "adversary_weight": tune.loguniform(1.0, 300.0),
         "adversary_every": tune.choice([2, 3, 5]),
