@@ -230,11 +230,11 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
         truths[f"simulator, fresh truth ×{args.fresh_truth}"] = fresh_simulator_truth(
             args, seed, test
         )
+    predicted = ad.concat(predictions, join="inner")
     tables, calibration = [], {}
     for label, truth in truths.items():
         result = score(
-            ad.concat(predictions, join="inner"), truth, method_key="method",
-            centroid_reference=train, seed=seed, **common,
+            predicted, truth, method_key="method", centroid_reference=train, seed=seed, **common,
         )
         per_condition = result.per_condition.copy()
         normalised = result.normalised[["method", "condition", *result.metrics]]
