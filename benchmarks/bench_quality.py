@@ -175,6 +175,15 @@ def predict_held_out(model, setup, args, seed, test):
     return ad.AnnData(np.asarray(matrix), obs=pred.obs.copy(), var=pred.var.copy())
 
 
+def drug_features(featurizer, train, test, perturbation_key) -> dict[str, np.ndarray]:
+    """Fingerprint of every single drug with SMILES in ``train`` or ``test`` (for the ridge)."""
+    columns = [perturbation_key, "smiles"]
+    smiles = pd.concat([train.obs[columns].dropna(), test.obs[columns].dropna()]).astype(str)
+    smiles = smiles.drop_duplicates(perturbation_key).set_index(perturbation_key)["smiles"]
+    smiles = smiles[~smiles.str.contains(r"\+", regex=True) & (smiles != "")]
+    return dict(zip(smiles.index, featurizer(smiles.tolist()), strict=True))
+
+
 def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
     """Per-condition metrics of every method on one split of one dataset."""
     from perturbx.baselines import additive_baseline, linear_baseline
@@ -214,12 +223,7 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
     targets = predictions[0].obs[[pkey, dkey, *ckeys]].drop_duplicates()
     common = dict(perturbation_key=pkey, dose_key=dkey, covariate_keys=ckeys)
     if is_drug_screen:
-        smiles = train.obs.loc[train.obs["smiles"].notna(), [pkey, "smiles"]].astype(str)
-        smiles = pd.concat([smiles, test.obs[[pkey, "smiles"]].dropna().astype(str)])
-        smiles = smiles.drop_duplicates(pkey).set_index(pkey)["smiles"]
-        smiles = smiles[~smiles.str.contains(r"\+", regex=True) & (smiles != "")]
-        featurizer = models[PERTURBX].featurizer
-        features = dict(zip(smiles.index, featurizer(smiles.tolist()), strict=True))
+        features = drug_features(models[PERTURBX].featurizer, train, test, pkey)
         linear = linear_baseline(train, targets, features, method=LINEAR, **common)
     else:
         linear = additive_baseline(train, targets, method=LINEAR, **common)
