@@ -41,7 +41,7 @@ from bench_quality import (
 )
 from tqdm.auto import tqdm
 
-ENCODER, FITTED = "PerturbX (encoder's embeddings)", "PerturbX (fitted embeddings: ceiling)"
+ENCODER = "PerturbX (encoder's embeddings)"
 
 
 def fit_held_out_embeddings(
@@ -109,7 +109,8 @@ def run(seed: int, args) -> pd.DataFrame:
         epochs=args.fit_epochs, lr=args.fit_lr, fit_dose_response=args.fit_dose_response,
     )
     fitted = predict_held_out(model, setup, args, seed, test)
-    fitted.obs["method"] = FITTED
+    fitted_what = "embeddings and dose responses" if args.fit_dose_response else "embeddings"
+    fitted.obs["method"] = f"PerturbX (fitted {fitted_what}: ceiling)"
 
     common = dict(perturbation_key="drug", dose_key="dose", covariate_keys=["cell_type"])
     targets = encoder.obs[["drug", "dose", "cell_type"]].drop_duplicates()
