@@ -138,7 +138,8 @@ class PerturbXTrainingPlan(TrainingPlan):
 
     Logged once per epoch (``model.history``): ``reconstruction_loss_{train,validation}``,
     ``elbo_*``, ``adversary_loss_*``, ``adversary_accuracy_<label>_*`` (on the basal latent;
-    chance level is the frequency of the most common label), ``adversary_lambda``.
+    chance level is the frequency of the most common label), ``adversary_lambda``, and
+    ``linearity_penalty_train`` when that penalty is on.
 
     Several processes (DDP, :func:`resolve_ddp_strategy`): every process sees as many
     batches as the others, so all take the same sequence of adversary / autoencoder steps;
@@ -167,6 +168,12 @@ class PerturbXTrainingPlan(TrainingPlan):
         Epochs over which ``λ`` ramps up (0: full weight from the start).
     gradient_penalty
         Weight of the adversaries' input-gradient penalty.
+    linearity_penalty
+        Weight of :meth:`~perturbx.module.PerturbXModule.embedding_linearity_penalty`
+        (0: off, no extra cost), which asks the decoder to respond linearly between the
+        perturbation shifts of a minibatch, so that embeddings of unseen drugs that
+        interpolate between training drugs' decode to interpolated effects. Logged as
+        ``linearity_penalty_train``.
     gradient_clip_val
         Clip the gradient norm of autoencoder and dose response together to this value
         (``None``: no clipping).
@@ -189,6 +196,7 @@ class PerturbXTrainingPlan(TrainingPlan):
         adversary_every: int = 3,
         n_epochs_adversary_warmup: int = 5,
         gradient_penalty: float = 1.0,
+        linearity_penalty: float = 0.0,
         gradient_clip_val: float | None = None,
         **kwargs,
     ):
@@ -199,6 +207,9 @@ class PerturbXTrainingPlan(TrainingPlan):
                 f"adversary_every={adversary_every} must be >= 2 (one adversary step every "
                 "that many minibatches, autoencoder steps in between)."
             )
+        if not linearity_penalty >= 0:
+            raise ValueError(f"linearity_penalty={linearity_penalty!r} must be >= 0.")
+        self.linearity_penalty = linearity_penalty
         self.dose_lr = dose_lr
         self.dose_weight_decay = dose_weight_decay
         self.dispersion_lr = dispersion_lr
@@ -284,11 +295,20 @@ class PerturbXTrainingPlan(TrainingPlan):
         if batch_idx % self.adversary_every == 0:
             return self._adversary_step(batch, adversary_opt)
 
-        inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        inference_outputs, generative_outputs, loss_output = self.forward(
+            batch, loss_kwargs=self.loss_kwargs
+        )
         basal = inference_outputs["basal_latent"]
         adversary_loss, accuracy = self.module.adversary_losses(basal, batch)
         self._check_finite(reconstruction_loss=loss_output.loss, adversary_loss=adversary_loss)
         total = loss_output.loss - self.adversary_lambda * adversary_loss
+        extra = {}
+        if self.linearity_penalty > 0:
+            extra["linearity_penalty"] = self.module.embedding_linearity_penalty(
+                generative_outputs
+            )
+            self._check_finite(linearity_penalty=extra["linearity_penalty"])
+            total = total + self.linearity_penalty * extra["linearity_penalty"]
         autoencoder_opt.zero_grad()
         self.manual_backward(total)
         if self.gradient_clip_val is not None:
@@ -299,6 +319,7 @@ class PerturbXTrainingPlan(TrainingPlan):
             basal.shape[0],
             loss=total,
             **self._metrics(loss_output, adversary_loss, accuracy),
+            **extra,
         )
         return total.detach()
 
