@@ -19,6 +19,15 @@ if the fitted embeddings beat ridge and the encoder's do not, the shortfall is i
 new structure to its embedding, not in the decoder. Rows against the fresh sample are
 in-sample for the fitted embeddings and only show how far the fit got.
 
+Two more rows ask whether the decoder responds linearly between drug embeddings. Each
+held-out drug gets ridge weights over the training drugs (linear kernel on the centred
+fingerprints, penalty ``--interpolation-penalty`` × the kernel's mean diagonal); the same
+weights combine either the model's own predictions for the training drugs at the same dose
+and cell type ("interpolated effects") or the training drugs' embeddings, which are then
+decoded ("interpolated embeddings"). If the first is far better than the second, an unseen
+drug placed between training drugs in embedding space does not get the effect between
+theirs.
+
 Writes ``<out>.csv`` (per condition) and prints medians per truth and method.
 """
 
@@ -29,6 +38,7 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 import torch
 from bench_quality import (
@@ -89,6 +99,74 @@ def fit_held_out_embeddings(
         parameter.requires_grad_(False)
 
 
+def ridge_weights(train_features: np.ndarray, query_features: np.ndarray, penalty: float):
+    """``(n_query, n_train)`` weights of centred linear-kernel ridge regression.
+
+    A query's prediction is ``weights @ Y`` for training targets ``Y``; each row sums to 1
+    (the intercept is the training mean). ``penalty`` is relative to the kernel's mean
+    diagonal.
+    """
+    centre = train_features.mean(0)
+    x_train, x_query = train_features - centre, query_features - centre
+    n = len(x_train)
+    kernel = x_train @ x_train.T
+    ridge = penalty * np.trace(kernel) / n
+    centring = np.eye(n) - 1.0 / n
+    solved = np.linalg.solve(kernel + ridge * np.eye(n), centring)
+    return 1.0 / n + (x_query @ x_train.T) @ solved
+
+
+def interpolate(model, setup, args, seed, test, train_drugs, held_out, weights):
+    """Held-out drugs' predictions by the ridge ``weights`` over the training drugs: of the
+    model's predictions (effect space) and of the embeddings, decoded (embedding space)."""
+    from perturbx.metrics import log_normalise
+
+    controls = test[test.obs["drug"].astype(str) == "control"].copy()
+    doses = sorted(test.obs.loc[test.obs["drug"] != "control", "dose"].unique())
+    cell_types = sorted(test.obs["cell_type"].astype(str).unique())
+    grid = pd.MultiIndex.from_product([doses, cell_types], names=["dose", "cell_type"])
+    targets = pd.DataFrame(
+        [(d, x, c) for d in train_drugs for x, c in grid], columns=["drug", "dose", "cell_type"]
+    )
+    cells = model.predict(
+        controls, target=targets, n_cells_per_target=args.n_source_cells, sample=True,
+        repeat_sources=True, seed=seed,
+    )
+    matrix, _ = log_normalise(cells.X, counts=True)
+    keys = pd.MultiIndex.from_frame(cells.obs[["drug", "dose", "cell_type"]].astype(
+        {"drug": str, "dose": float, "cell_type": str}))
+    means = pd.DataFrame(np.asarray(matrix), index=keys).groupby(level=[0, 1, 2]).mean()
+    rows, obs = [], []
+    for i, drug in enumerate(held_out):
+        for dose, cell_type in grid:
+            trained = np.stack([means.loc[(d, dose, cell_type)].to_numpy() for d in train_drugs])
+            rows.append(weights[i] @ trained)
+            obs.append((drug, dose, cell_type))
+    effects = ad.AnnData(
+        np.stack(rows).astype(np.float32),
+        obs=pd.DataFrame(obs, columns=["drug", "dose", "cell_type"],
+                         index=[f"interpolated_{k}" for k in range(len(obs))]),
+        var=test.var[[]].copy(),
+    )
+    effects.obs["method"] = "PerturbX (interpolated effects)"
+
+    embedding = model.module.perturbation_embedding
+    held_rows = torch.tensor([model.perturbations.index(d) for d in held_out])
+    train_rows = torch.tensor([model.perturbations.index(d) for d in train_drugs])
+    saved = embedding.token_embedding.weight.detach().clone()
+    with torch.no_grad():
+        trained = embedding.drug_encoder(embedding.fingerprints[train_rows])
+        embedding.token_embedding.weight[held_rows + 1] = torch.as_tensor(
+            weights, dtype=trained.dtype) @ trained
+        embedding.has_structure[held_rows] = False  # read the held-out drugs from the table
+    embeddings = predict_held_out(model, setup, args, seed, test)
+    embeddings.obs["method"] = "PerturbX (interpolated embeddings)"
+    with torch.no_grad():
+        embedding.token_embedding.weight.copy_(saved)
+        embedding.has_structure[held_rows] = True
+    return [effects, embeddings]
+
+
 def run(seed: int, args) -> pd.DataFrame:
     """Per-condition metrics of the encoder's and the fitted embeddings and the baselines."""
     from perturbx.baselines import linear_baseline
@@ -104,6 +182,16 @@ def run(seed: int, args) -> pd.DataFrame:
 
     fresh = fresh_simulator_truth(args, seed, test)
     held_out = sorted(set(test.obs["drug"].astype(str)) - {"control"})
+    train_drugs = sorted(set(train.obs["drug"].astype(str)) - {"control"})
+    features = drug_features(model.featurizer, train, test, "drug")
+    weights = ridge_weights(
+        np.stack([features[d] for d in train_drugs]).astype(np.float64),
+        np.stack([features[d] for d in held_out]).astype(np.float64),
+        args.interpolation_penalty,
+    )
+    interpolated = interpolate(
+        model, setup, args, seed, test, train_drugs, held_out, weights
+    )
     fit_held_out_embeddings(
         model, fresh[fresh.obs["drug"].astype(str).isin(held_out).to_numpy()].copy(), held_out,
         epochs=args.fit_epochs, lr=args.fit_lr, fit_dose_response=args.fit_dose_response,
@@ -114,9 +202,8 @@ def run(seed: int, args) -> pd.DataFrame:
 
     common = dict(perturbation_key="drug", dose_key="dose", covariate_keys=["cell_type"])
     targets = encoder.obs[["drug", "dose", "cell_type"]].drop_duplicates()
-    features = drug_features(model.featurizer, train, test, "drug")
     linear = linear_baseline(train, targets, features, method="linear", **common)
-    predicted = ad.concat([encoder, fitted, linear], join="inner")
+    predicted = ad.concat([encoder, fitted, *interpolated, linear], join="inner")
     tables = []
     for truth_label, truth in [("test cells", test), (f"fresh ×{args.fresh_truth}", fresh)]:
         result = score(predicted, truth, method_key="method", centroid_reference=train,
@@ -143,6 +230,8 @@ def main() -> None:
     parser.add_argument("--fit-lr", type=float, default=3e-2)
     parser.add_argument("--fit-dose-response", action="store_true",
                         help="also fit the held-out drugs' dose-response parameters")
+    parser.add_argument("--interpolation-penalty", type=float, default=0.03,
+                        help="ridge penalty of the interpolation weights (× mean kernel diagonal)")
     parser.add_argument("--n-source-cells", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/embedding_ceiling")

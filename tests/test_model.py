@@ -333,6 +333,20 @@ def test_drug_encoder_and_amortised_dose_response_are_trained():
     assert all(changed), "every drug-encoder / amortiser tensor must receive updates"
 
 
+def test_embedding_and_dose_response_own_their_structure_flags():
+    # Reading a molecule's embedding from the learned table (as bench_embedding_ceiling does)
+    # must leave its dose response amortised from the fingerprint.
+    adata = toy_screen(n_cells=100)
+    setup_toy(adata)
+    module = PerturbX(adata, **SMALL_ARCH).module
+    row = module.perturbation_embedding.has_structure.nonzero()[0]
+    index = row + 1
+    before = module.dose_response.parameters_for(index).detach().clone()
+    module.perturbation_embedding.has_structure[row] = False
+    assert bool(module.dose_response.has_structure[row])
+    assert torch.equal(module.dose_response.parameters_for(index).detach(), before)
+
+
 def test_mixed_precision_training_embeds_drugs_and_stays_finite():
     # Under autocast the drug encoder and the amortised dose response return bf16 rows that
     # go into float32 tables; this used to fail with a dtype error at the first minibatch.

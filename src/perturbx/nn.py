@@ -75,7 +75,9 @@ class PerturbationEmbedding(nn.Module):
         super().__init__()
         n_vocab, n_bits = fingerprints.shape
         self.register_buffer("fingerprints", fingerprints.float())
-        self.register_buffer("has_structure", has_structure.bool())
+        # A copy: .bool() of a bool tensor is the same tensor, which the dose response also
+        # holds; switching a row to the learned table here must not switch its dose response.
+        self.register_buffer("has_structure", has_structure.bool().clone())
         self.token_embedding = nn.Embedding(n_vocab + 1, n_latent)
         nn.init.normal_(self.token_embedding.weight, std=0.1)
         self.drug_encoder = (
@@ -158,7 +160,7 @@ class DoseResponse(nn.Module):
         elif kind != "mlp":
             init[:, 0] = 1.0  # slope a; offset b = 0 gives s(0) = 0.5 for sigm, 0.5 for logsigm
         self.params = nn.Parameter(init)
-        self.register_buffer("has_structure", has_structure.bool())
+        self.register_buffer("has_structure", has_structure.bool().clone())
         self.shared_mlp = mlp(1 + _MLP_CODE_SIZE, 1, n_hidden, 1) if kind == "mlp" else None
         self.amortizer = (
             mlp(n_bits, 2, n_hidden, 1)
