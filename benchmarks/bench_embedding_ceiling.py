@@ -54,6 +54,14 @@ from tqdm.auto import tqdm
 ENCODER = "PerturbX (encoder's embeddings)"
 
 
+def embed_from_table(embedding, rows: torch.Tensor, vectors: torch.Tensor) -> None:
+    """Read vocabulary ``rows`` (0-based) from the learned-embedding table, set to ``vectors``,
+    instead of from the drug encoder (their dose responses stay as they are)."""
+    with torch.no_grad():
+        embedding.token_embedding.weight[rows + 1] = vectors.to(embedding.token_embedding.weight)
+        embedding.has_structure[rows] = False
+
+
 def fit_held_out_embeddings(
     model, cells: ad.AnnData, drugs: list[str], *, epochs: int, lr: float,
     fit_dose_response: bool,
@@ -68,9 +76,7 @@ def fit_held_out_embeddings(
     embedding, dose_response = module.perturbation_embedding, module.dose_response
     rows = torch.tensor([model.perturbations.index(d) for d in drugs])
     with torch.no_grad():
-        start = embedding.drug_encoder(embedding.fingerprints[rows])
-        embedding.token_embedding.weight[rows + 1] = start
-        embedding.has_structure[rows] = False  # read these drugs from the table
+        embed_from_table(embedding, rows, embedding.drug_encoder(embedding.fingerprints[rows]))
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     trained = [embedding.token_embedding.weight]
@@ -156,9 +162,7 @@ def interpolate(model, setup, args, seed, test, train_drugs, held_out, weights):
     saved = embedding.token_embedding.weight.detach().clone()
     with torch.no_grad():
         trained = embedding.drug_encoder(embedding.fingerprints[train_rows])
-        embedding.token_embedding.weight[held_rows + 1] = torch.as_tensor(
-            weights, dtype=trained.dtype) @ trained
-        embedding.has_structure[held_rows] = False  # read the held-out drugs from the table
+        embed_from_table(embedding, held_rows, torch.as_tensor(weights).to(trained) @ trained)
     embeddings = predict_held_out(model, setup, args, seed, test)
     embeddings.obs["method"] = "PerturbX (interpolated embeddings)"
     with torch.no_grad():
