@@ -335,7 +335,11 @@ def main() -> None:
         "--ensemble", type=int, default=1,
         help="also score an ensemble of this many PerturbX models (drug screens; 1: none)",
     )
-    parser.add_argument("--n-source-cells", type=int, default=300)
+    parser.add_argument(
+        "--n-source-cells", type=int, default=3000,
+        help="predicted cells per held-out condition (counts models: NB draws, whose mean "
+             "carries Monte-Carlo error ~ 1/sqrt(n))",
+    )
     parser.add_argument(
         "--fresh-truth", type=int, default=10,
         help="simulator: also score against a fresh sample this many times larger (0: off)",

@@ -48,7 +48,11 @@ class EvaluationMixin:
             Perturbations need not be known to the model if they have SMILES in the
             registered SMILES column.
         n_cells_per_target
-            Predicted cells per condition (see :meth:`predict_conditions`).
+            Predicted cells per condition (see :meth:`predict_conditions`). With a counts
+            likelihood they are draws, so a condition's predicted mean carries Monte-Carlo
+            error ∝ ``1 / sqrt(n_cells_per_target)``; for conditions with small effects (low
+            doses) use a few thousand (``benchmarks/bench_quality.py`` uses 3,000). All
+            predicted cells are held in memory.
         baselines, top_k
             See :func:`perturbx.metrics.score`.
         method_name
