@@ -23,6 +23,10 @@ seed. Methods, side by side on the same held-out conditions:
   :class:`perturbx.PerturbXEnsemble` of K PerturbX models trained with seeds ``seed,
   seed + 1000, ...`` (the first is ``PerturbX``); each predicted cell is sampled from one
   member in turn, so a condition's prediction is the mixture of the K models'.
+- ``PerturbX (linear shift head, ridge for unseen)`` (``--linear-head``, drug screens):
+  ``PerturbX(linear_shift_head=True, unseen_molecules="ridge")``, the perturbation shift
+  decoded linearly and held-out drugs embedded by ridge regressions from the fingerprint
+  fitted on the training drugs' encoder outputs.
 - ``PerturbX (learned only)``: set up without SMILES (drugs): an unseen drug has an untrained
   embedding, so this is the floor of what a non-chemical model can do; on Norman the genes
   are seen in training and this is the only PerturbX variant.
@@ -69,6 +73,8 @@ KEY_METRICS = [
 ]
 LOWER_IS_BETTER = {"weighted_mse", "mse"}
 PERTURBX, LEARNED, LINEAR = "PerturbX", "PerturbX (learned only)", "linear"
+LINEAR_HEAD = "PerturbX (linear shift head, ridge for unseen)"
+LINEAR_HEAD_KWARGS = {"linear_shift_head": True, "unseen_molecules": "ridge"}
 
 
 # ------------------------------------------------------------------------------ datasets
@@ -199,9 +205,15 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
     variants = {PERTURBX: {**setup, "smiles_key": "smiles"}} if is_drug_screen else {}
     if args.learned_only or not is_drug_screen:
         variants[LEARNED] = setup
+    variant_kwargs = {}
+    if args.linear_head and is_drug_screen:
+        variants[LINEAR_HEAD] = variants[PERTURBX]
+        variant_kwargs[LINEAR_HEAD] = LINEAR_HEAD_KWARGS
     models = {}
     for name, variant_setup in variants.items():
-        models[name], seconds[name] = train_model(adata, variant_setup, model_kwargs, args, seed)
+        models[name], seconds[name] = train_model(
+            adata, variant_setup, {**model_kwargs, **variant_kwargs.get(name, {})}, args, seed
+        )
         pred = predict_held_out(models[name], variant_setup, args, seed, test)
         pred.obs["method"] = name
         predictions.append(pred)
@@ -330,6 +342,11 @@ def main() -> None:
     parser.add_argument(
         "--learned-only", action=argparse.BooleanOptionalAction, default=True,
         help="also train PerturbX without SMILES on drug screens (--no-learned-only: skip)",
+    )
+    parser.add_argument(
+        "--linear-head", action=argparse.BooleanOptionalAction, default=True,
+        help="also train PerturbX with linear_shift_head=True, unseen_molecules='ridge' on "
+             "drug screens (--no-linear-head: skip)",
     )
     parser.add_argument(
         "--ensemble", type=int, default=1,

@@ -29,10 +29,11 @@ NAMES = {"perturbed_centroid": "mean baseline (perturbed centroid)",
 
 
 def ordered(methods) -> list[str]:
-    """Methods in table order; ensembles ("PerturbX (ensemble of K)") after PerturbX."""
+    """Methods in table order; PerturbX variants ("PerturbX (ensemble of K)", "PerturbX
+    (linear shift head, ...)") after PerturbX."""
     present = set(methods)
-    ensembles = sorted(m for m in present if m.startswith("PerturbX (ensemble"))
-    return [m for m in ORDER[:1] + ensembles + ORDER[1:] if m in present]
+    variants = sorted(m for m in present if m.startswith("PerturbX (") and m not in ORDER)
+    return [m for m in ORDER[:1] + variants + ORDER[1:] if m in present]
 
 
 METRICS = ["weighted_mse", "weighted_r2_delta_centroid", "pearson_delta_centroid_top20",

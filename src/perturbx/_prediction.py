@@ -9,6 +9,7 @@ in :mod:`perturbx._evaluation`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -71,17 +72,44 @@ class PredictionMixin:
             )
         return torch.cat(basal), torch.cat(library), torch.cat(covariates)
 
-    def _training_molecules(self) -> tuple[list[str], list[str]]:
-        """Names and SMILES of the vocabulary's molecules that have training cells."""
-        state = self._perturbation_state
-        names = [n for n, s in zip(state["vocabulary"], state["smiles"], strict=True) if s]
+    def _seen_in_training(self) -> np.ndarray:
+        """``(P,)`` bool: vocabulary entries with training cells (all, if unknown)."""
+        seen = np.ones(len(self._perturbation_state["vocabulary"]), dtype=bool)
         if self.adata is not None and self.train_indices_ is not None:
             packed = np.asarray(self.adata.obsm["_perturbx_perturbations"])[self.train_indices_]
             _, index, _ = split_perturbations(torch.from_numpy(packed))
-            seen = {state["vocabulary"][i - 1] for i in np.unique(index.numpy()) if i > 0}
-            names = [n for n in names if n in seen]
-        smiles = dict(zip(state["vocabulary"], state["smiles"], strict=True))
-        return names, [smiles[n] for n in names]
+            members = np.unique(index.numpy())
+            seen[:] = False
+            seen[members[members > 0] - 1] = True
+        return seen
+
+    def _fit_unseen_molecule_ridge(self) -> None:
+        """Fit ``unseen_molecules="ridge"`` maps on the molecules with training cells."""
+        seen = self._seen_in_training()
+        n_seen = int((seen & self.module.perturbation_embedding.has_structure.cpu().numpy()).sum())
+        if n_seen < 2:
+            warnings.warn(
+                f"unseen_molecules='ridge' needs at least 2 molecules with training cells, but "
+                f"the training cells hold {n_seen}: molecules without training cells are "
+                "embedded by the drug encoder.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        self.module.fit_unseen_molecule_ridge(torch.from_numpy(seen))
+
+    def _training_molecules(self) -> tuple[list[str], list[str]]:
+        """Names and SMILES of the vocabulary's molecules that have training cells."""
+        state = self._perturbation_state
+        seen = self._seen_in_training()
+        chosen = [
+            (name, smiles)
+            for name, smiles, is_seen in zip(
+                state["vocabulary"], state["smiles"], seen, strict=True
+            )
+            if smiles and is_seen
+        ]
+        return [name for name, _ in chosen], [smiles for _, smiles in chosen]
 
     @torch.inference_mode()
     def predict(

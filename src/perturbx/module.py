@@ -3,6 +3,8 @@
 inference:  x ──encoder──► basal latent z_b
 generative: z = z_b + Σ_k dose_response(d_k) · embed(p_k) + Σ_c embed_c(covariate_c)
             z ──decoder──► p(x | z)   (NB / ZINB for counts, Gaussian for log-normalised data)
+            (linear_shift_head: the decoder's hidden layers see z_b + Σ_c embed_c only, and
+            the perturbation shift is added to its output through a linear map)
 loss:       −log p(x | z) (+ KL if variational); adversaries are scored on z_b
 """
 
@@ -30,6 +32,8 @@ from perturbx.nn import (
 )
 
 Likelihood = Literal["nb", "zinb", "gaussian"]
+UnseenMolecules = Literal["encoder", "ridge"]
+UNSEEN_MOLECULES: tuple[str, ...] = ("encoder", "ridge")
 LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "gaussian")
 COUNT_LIKELIHOODS: tuple[str, ...] = ("nb", "zinb")
 _MIN_VARIANCE = 1e-4
@@ -194,6 +198,18 @@ class PerturbXModule(BaseModuleClass):
         If True, the basal latent is sampled from ``N(mu, sigma)`` with a KL term.
     dose_response
         See :class:`perturbx.nn.DoseResponse`.
+    linear_shift_head
+        Decode the perturbation shift ``s = Σ_k s_k(d_k) e_k`` linearly: the decoder's hidden
+        layers see ``z_b + Σ_c e_c`` and the output (NB log-scale logits / Gaussian mean) is
+        ``head(body(z_b + Σ_c e_c)) + W s``. A perturbation then moves every cell's
+        log-rates by the same vector, effects interpolate as embeddings do, and combinations
+        are additive in log-rate space. (ZINB: the zero-inflation does not depend on the
+        perturbation.)
+    unseen_molecules
+        ``"encoder"``: molecules without training cells are embedded by the drug encoder;
+        ``"ridge"``: by :class:`perturbx.nn.FingerprintRidge` maps (embedding and
+        dose-response parameters) fitted with :meth:`fit_unseen_molecule_ridge` after
+        training.
     """
 
     def __init__(
@@ -215,10 +231,22 @@ class PerturbXModule(BaseModuleClass):
         drug_encoder_layers: int = 2,
         adversary_hidden: int = 64,
         adversary_layers: int = 3,
+        linear_shift_head: bool = False,
+        unseen_molecules: UnseenMolecules = "encoder",
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}.")
+        if unseen_molecules not in UNSEEN_MOLECULES:
+            raise ValueError(
+                f"unseen_molecules={unseen_molecules!r} is not one of {UNSEEN_MOLECULES}."
+            )
+        if unseen_molecules == "ridge" and not bool(has_structure.any()):
+            raise ValueError(
+                "unseen_molecules='ridge' embeds molecules from their fingerprints, but no "
+                "perturbation has a SMILES (setup_anndata(..., smiles_key=...))."
+            )
+        self.unseen_molecules = unseen_molecules
         self.n_genes = n_genes
         self.n_latent = n_latent
         self.likelihood = likelihood
@@ -240,10 +268,16 @@ class PerturbXModule(BaseModuleClass):
             # learned to mark the (mostly zero) entries with tiny variances and left the mean
             # flat across cells on log-normalised sparse data.
             self.log_variance = nn.Parameter(torch.zeros(n_genes))
+        # No bias: a zero shift (control cells) must leave the decoder's output unchanged.
+        self.shift_head = nn.Linear(n_latent, n_genes, bias=False) if linear_shift_head else None
+        ridge = unseen_molecules == "ridge"
         self.perturbation_embedding = PerturbationEmbedding(
-            fingerprints, has_structure, n_latent, drug_encoder_hidden, drug_encoder_layers
+            fingerprints, has_structure, n_latent, drug_encoder_hidden, drug_encoder_layers,
+            unseen_ridge=ridge,
         )
-        self.dose_response = DoseResponse(dose_response, fingerprints, has_structure)
+        self.dose_response = DoseResponse(
+            dose_response, fingerprints, has_structure, unseen_ridge=ridge
+        )
         self.covariate_embeddings = nn.ModuleList(
             [nn.Embedding(n, n_latent) for n in n_cats_per_covariate]
         )
@@ -277,6 +311,46 @@ class PerturbXModule(BaseModuleClass):
             "dispersion": dispersion,
             "adversary": adversary,
         }
+
+    # ------------------------------------------------------------ unseen molecules
+    @torch.no_grad()
+    def fit_unseen_molecule_ridge(self, seen: torch.Tensor) -> None:
+        """Fit the ridge maps of ``unseen_molecules="ridge"`` on the molecules in ``seen``.
+
+        The targets are the trained drug encoder's embeddings and the dose-response
+        parameters of the vocabulary's molecules that have training cells; the maps then
+        stand in for the network for every other molecule (vocabulary rows without training
+        cells, and query SMILES) in evaluation mode.
+
+        Parameters
+        ----------
+        seen
+            ``(P,)`` bool: vocabulary entries with training cells.
+        """
+        if self.unseen_molecules != "ridge":
+            raise ValueError("This module was built with unseen_molecules='encoder'.")
+        embedding, dose_response = self.perturbation_embedding, self.dose_response
+        seen = seen.to(embedding.has_structure.device).bool()
+        rows = torch.nonzero(embedding.has_structure & seen).squeeze(-1)
+        if len(rows) < 2:
+            raise ValueError(
+                f"unseen_molecules='ridge' needs at least 2 molecules with training cells; "
+                f"the training cells hold {len(rows)}."
+            )
+        was_training = self.training
+        self.eval()
+        fingerprints = embedding.fingerprints[rows]
+        embedding.unseen_ridge.fit(fingerprints, embedding.drug_encoder(fingerprints), ~seen)
+        dose_response.unseen_ridge.fit(
+            fingerprints, dose_response.parameters_for(rows + 1), ~seen
+        )
+        self.train(was_training)
+
+    def reset_unseen_molecule_ridge(self) -> None:
+        """Forget the ridge maps (the network embeds every molecule, e.g. while training)."""
+        for part in (self.perturbation_embedding, self.dose_response):
+            if part.unseen_ridge is not None:
+                part.unseen_ridge.reset()
 
     # ----------------------------------------------------------------------- inference
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
@@ -342,11 +416,17 @@ class PerturbXModule(BaseModuleClass):
     ) -> dict:
         """Add perturbation and covariate effects to the basal latent and decode ``p(x | z)``."""
         perturbation_shift = self.perturbation_latent(perturbation_index, dose, extra_fingerprints)
-        latent = basal_latent + perturbation_shift + self.covariate_latent(covariates)
-        h = self.decoder_body(latent)
+        covariate_shift = self.covariate_latent(covariates)
+        latent = basal_latent + perturbation_shift + covariate_shift
+        if self.shift_head is None:
+            h = self.decoder_body(latent)
+            linear_effect = 0.0
+        else:
+            h = self.decoder_body(basal_latent + covariate_shift)
+            linear_effect = self.shift_head(perturbation_shift)
         outputs = {"latent": latent, "perturbation_shift": perturbation_shift}
         if self.likelihood in COUNT_LIKELIHOODS:
-            scale_logits = self.scale_head(h)
+            scale_logits = self.scale_head(h) + linear_effect
             outputs["decoder_output"] = scale_logits
             log_scale = torch.log_softmax(scale_logits, dim=-1)
             log_rate = torch.log(library) + log_scale
@@ -361,7 +441,7 @@ class PerturbXModule(BaseModuleClass):
                 outputs["log_rate"] = log_rate
         else:
             scale = (self.log_variance.exp() + _MIN_VARIANCE).sqrt()
-            mean = self.mean_head(h)
+            mean = self.mean_head(h) + linear_effect
             outputs["decoder_output"] = mean
             px = Normal(mean, scale.expand(h.shape[0], -1))
         outputs["px"] = px
@@ -396,6 +476,11 @@ class PerturbXModule(BaseModuleClass):
         -------
         Scalar tensor (log-scale units squared, summed over genes).
         """
+        if self.shift_head is not None:
+            raise ValueError(
+                "The linearity penalty does not apply with linear_shift_head=True: the decoder "
+                "is linear in the perturbation shift by construction."
+            )
         latent = generative_outputs["latent"]
         shift = generative_outputs["perturbation_shift"]
         own = generative_outputs["decoder_output"]

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from scvi.nn import FCLayers
+from sklearn.linear_model import Ridge
 from torch import nn
 
 DoseResponseKind = Literal["logsigm", "sigm", "linear", "mlp", "amortized"]
 DOSE_RESPONSES: tuple[str, ...] = ("logsigm", "sigm", "linear", "mlp", "amortized")
 _MLP_CODE_SIZE = 4  # per-perturbation code fed to the shared dose-response MLP
+#: Penalty of :class:`FingerprintRidge`, in units of the training fingerprints' mean squared
+#: distance to their centroid (the mean diagonal of the centred linear kernel): close to the
+#: minimum-norm interpolation of the training molecules. Leave-one-out over the training
+#: molecules' embeddings chose 10 instead (it finds them barely predictable), which shrank
+#: held-out drugs to the average drug and predicted them worse on the simulator
+#: (``benchmarks/README.md``, "Ridge embeddings of unseen molecules").
+RIDGE_PENALTY: float = 1e-3
 
 
 def hidden_layers(n_in: int, n_hidden: int, n_layers: int, dropout_rate: float = 0.0) -> FCLayers:
@@ -45,6 +54,73 @@ def mlp(
     )
 
 
+class FingerprintRidge(nn.Module):
+    """Ridge regression from fingerprints to vectors, for molecules without training cells.
+
+    Fitted in closed form (:meth:`fit`, scikit-learn's ``Ridge`` with the relative penalty
+    :data:`RIDGE_PENALTY`), not by gradient: the targets are what the trained network gives
+    the training molecules (drug-encoder embeddings, dose-response parameters), and the map
+    replaces the network for the vocabulary rows in ``applies_to`` and for query molecules.
+    A molecule is placed by linear interpolation between the training molecules' values
+    (its fingerprint's projection on theirs), where an MLP extrapolates freely; a molecule
+    unlike all of them gets their mean. Everything is kept in buffers, so
+    :meth:`PerturbX.save` keeps it.
+
+    Parameters
+    ----------
+    n_vocab
+        Vocabulary size ``P``.
+    n_bits
+        Fingerprint length ``F``.
+    n_out
+        Output size ``D``.
+    """
+
+    def __init__(self, n_vocab: int, n_bits: int, n_out: int):
+        super().__init__()
+        self.register_buffer("coef", torch.zeros(n_bits, n_out))
+        self.register_buffer("intercept", torch.zeros(n_out))
+        self.register_buffer("penalty", torch.zeros(()))
+        self.register_buffer("applies_to", torch.zeros(n_vocab, dtype=torch.bool))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def fit(
+        self, fingerprints: torch.Tensor, values: torch.Tensor, applies_to: torch.Tensor
+    ) -> None:
+        """Fit on ``(n, F)`` fingerprints and ``(n, D)`` values of ``n >= 2`` molecules.
+
+        ``applies_to`` ``(P,)`` bool marks the vocabulary rows the map then stands in for.
+        """
+        x = fingerprints.detach().cpu().double().numpy()
+        y = values.detach().cpu().double().numpy()
+        if len(x) < 2:
+            raise ValueError(f"A fingerprint ridge needs at least 2 molecules, got {len(x)}.")
+        spread = float(((x - x.mean(0)) ** 2).sum(1).mean())
+        penalty = RIDGE_PENALTY * (spread if spread > 0 else 1.0)
+        ridge = Ridge(alpha=penalty).fit(x, y)
+        self.coef.copy_(torch.from_numpy(ridge.coef_.T.copy()))
+        self.intercept.copy_(torch.from_numpy(np.asarray(ridge.intercept_)))
+        self.penalty.fill_(penalty)
+        self.applies_to.copy_(applies_to)
+        self.fitted.fill_(True)
+
+    def reset(self) -> None:
+        """Forget the fit (the network is used for every molecule again)."""
+        self.fitted.fill_(False)
+
+    def forward(self, fingerprints: torch.Tensor) -> torch.Tensor:
+        """``(n, F)`` fingerprints → ``(n, D)`` predictions."""
+        return fingerprints.to(self.coef.dtype) @ self.coef + self.intercept
+
+
+def _active(ridge: FingerprintRidge | None, training: bool) -> FingerprintRidge | None:
+    """The ridge if it is fitted and the module is in evaluation mode, else ``None``."""
+    if ridge is None or training or not bool(ridge.fitted):
+        return None
+    return ridge
+
+
 class PerturbationEmbedding(nn.Module):
     """Latent vectors of the perturbation vocabulary.
 
@@ -61,6 +137,9 @@ class PerturbationEmbedding(nn.Module):
         ``(P,)`` bool.
     n_latent, n_hidden, n_layers, dropout_rate
         Embedding size and the drug encoder's width, depth and dropout.
+    unseen_ridge
+        Keep a :class:`FingerprintRidge` (``unseen_ridge``) that, once fitted, embeds
+        molecules without training cells in evaluation mode instead of the drug encoder.
     """
 
     def __init__(
@@ -71,6 +150,7 @@ class PerturbationEmbedding(nn.Module):
         n_hidden: int = 256,
         n_layers: int = 2,
         dropout_rate: float = 0.0,
+        unseen_ridge: bool = False,
     ):
         super().__init__()
         n_vocab, n_bits = fingerprints.shape
@@ -85,6 +165,7 @@ class PerturbationEmbedding(nn.Module):
             if has_structure.any()
             else None
         )
+        self.unseen_ridge = FingerprintRidge(n_vocab, n_bits, n_latent) if unseen_ridge else None
 
     @property
     def n_vocab(self) -> int:
@@ -120,9 +201,17 @@ class PerturbationEmbedding(nn.Module):
                 fps.append(self.fingerprints[unique[structured] - 1])
             if extra.any():
                 fps.append(extra_fingerprints[unique[extra] - self.n_vocab - 1])
+            fps = torch.cat(fps)
             # Under autocast (bf16-mixed) the encoder's output is bf16; the table is float32.
-            encoded = self.drug_encoder(torch.cat(fps)).to(table.dtype)
+            encoded = self.drug_encoder(fps).to(table.dtype)
             n_structured = int(structured.sum())
+            ridge = _active(self.unseen_ridge, self.training)
+            if ridge is not None:
+                unseen = torch.cat([
+                    ridge.applies_to[unique[structured] - 1],
+                    torch.ones(len(fps) - n_structured, dtype=torch.bool, device=fps.device),
+                ])
+                encoded[unseen] = ridge(fps[unseen]).to(table.dtype)
             table[structured] = encoded[:n_structured]
             table[extra] = encoded[n_structured:]
         table = table * (unique != 0).unsqueeze(-1)
@@ -138,7 +227,8 @@ class DoseResponse(nn.Module):
     from the fingerprint, so a molecule never seen in training has a dose response too
     (perturbations without structure keep learned ``(a, b)``).
     Parameters of molecules not in the vocabulary, for the non-amortised kinds, are the mean
-    over the vocabulary's molecules.
+    over the vocabulary's molecules. With ``unseen_ridge``, a fitted :class:`FingerprintRidge`
+    gives the parameters of molecules without training cells (in evaluation mode) instead.
     """
 
     def __init__(
@@ -147,6 +237,7 @@ class DoseResponse(nn.Module):
         fingerprints: torch.Tensor,
         has_structure: torch.Tensor,
         n_hidden: int = 64,
+        unseen_ridge: bool = False,
     ):
         super().__init__()
         if kind not in DOSE_RESPONSES:
@@ -168,6 +259,7 @@ class DoseResponse(nn.Module):
             else None
         )
         self.register_buffer("fingerprints", fingerprints.float())
+        self.unseen_ridge = FingerprintRidge(n_vocab, n_bits, n_params) if unseen_ridge else None
 
     @property
     def n_vocab(self) -> int:
@@ -183,9 +275,16 @@ class DoseResponse(nn.Module):
             table = table.clone()
             amortized = self.amortizer(self.fingerprints[rows - 1]) + self._offset()
             table[rows] = amortized.to(table.dtype)
+        ridge = _active(self.unseen_ridge, self.training)
+        if ridge is not None:
+            rows = torch.nonzero(self.has_structure & ridge.applies_to).squeeze(-1) + 1
+            table = table.clone()
+            table[rows] = ridge(self.fingerprints[rows - 1]).to(table.dtype)
         out = table[index.clamp(max=n_vocab)]
         if extra.any():
-            if self.amortizer is not None and extra_fingerprints is not None:
+            if ridge is not None and extra_fingerprints is not None:
+                query = ridge(extra_fingerprints).to(out.dtype)
+            elif self.amortizer is not None and extra_fingerprints is not None:
                 query = (self.amortizer(extra_fingerprints) + self._offset()).to(out.dtype)
             else:
                 molecules = self.has_structure.nonzero().squeeze(-1) + 1

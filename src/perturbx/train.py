@@ -209,6 +209,12 @@ class PerturbXTrainingPlan(TrainingPlan):
             )
         if not linearity_penalty >= 0:
             raise ValueError(f"linearity_penalty={linearity_penalty!r} must be >= 0.")
+        if linearity_penalty > 0 and getattr(module, "shift_head", None) is not None:
+            raise ValueError(
+                f"linearity_penalty={linearity_penalty!r} does not apply to a model with "
+                "linear_shift_head=True: its decoder is linear in the perturbation shift by "
+                "construction."
+            )
         self.linearity_penalty = linearity_penalty
         self.dose_lr = dose_lr
         self.dose_weight_decay = dose_weight_decay
