@@ -22,7 +22,7 @@ _MLP_CODE_SIZE = 4  # per-perturbation code fed to the shared dose-response MLP
 #: minimum-norm interpolation of the training molecules. Leave-one-out over the training
 #: molecules' embeddings chose 10 instead (it finds them barely predictable), which shrank
 #: held-out drugs to the average drug and predicted them worse on the simulator
-#: (``benchmarks/README.md``, "Ridge embeddings of unseen molecules").
+#: (``benchmarks/README.md``, "The linear shift head and ridge embeddings as options").
 RIDGE_PENALTY: float = 1e-3
 
 
@@ -62,9 +62,8 @@ class FingerprintRidge(nn.Module):
     the training molecules (drug-encoder embeddings, dose-response parameters), and the map
     replaces the network for the vocabulary rows in ``applies_to`` and for query molecules.
     A molecule is placed by linear interpolation between the training molecules' values
-    (its fingerprint's projection on theirs), where an MLP extrapolates freely; a molecule
-    unlike all of them gets their mean. Everything is kept in buffers, so
-    :meth:`PerturbX.save` keeps it.
+    (through its fingerprint's projection on theirs), where an MLP extrapolates freely.
+    Everything is kept in buffers, so :meth:`PerturbX.save` keeps it.
 
     Parameters
     ----------
