@@ -131,6 +131,30 @@ def test_training_a_loaded_model_continues_like_training_in_memory(tmp_path):
     assert history.iloc[0, 0] == model.history["reconstruction_loss_train"].iloc[0, 0]
 
 
+class _RecordTrainingMode(Callback):
+    def __init__(self):
+        self.modes: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.extend(m.training for m in pl_module.module.modules())
+
+
+def test_training_after_predict_or_load_runs_in_training_mode(tmp_path):
+    # predict() and load() leave the module in evaluation mode, and Lightning keeps each
+    # submodule's mode at the start of fit: a second train() would then use the basal
+    # latent's mean instead of a sample and no dropout.
+    model = _model()
+    model.train(max_epochs=1, batch_size=64, seed=0, **QUIET)
+    model.predict(target={"drug": "aspirin", "dose": 1.0}, n_cells_per_target=5)
+    model.save(tmp_path / "m")
+    loaded = PerturbX.load(tmp_path / "m", adata=model.adata)
+    for m in (model, loaded):
+        assert not m.module.training
+        record = _RecordTrainingMode()
+        m.train(max_epochs=1, batch_size=64, seed=1, callbacks=[record], **QUIET)
+        assert record.modes and all(record.modes)
+
+
 def test_resume_from_a_lightning_checkpoint_restores_epoch_and_optimisers(tmp_path):
     plan = {"adversary_weight": 5.0, "n_epochs_adversary_warmup": 5}
     first = _model()

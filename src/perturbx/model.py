@@ -376,6 +376,10 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
             has_validation = train_size is None or train_size < 1.0 or bool(validation_size)
         # Validation metrics every epoch (history), unless there are no validation cells.
         kwargs.setdefault("check_val_every_n_epoch", 1 if has_validation else None)
+        # predict() and load() leave the module in evaluation mode, and Lightning keeps each
+        # submodule's mode at the start of fit: without this, a second call would train with
+        # the basal latent's mean instead of a sample (and without dropout).
+        self.module.train()
         ridge = self.module.unseen_molecules == "ridge"
         if ridge:
             # A ridge fitted after an earlier train() call would stand in for the encoder of
