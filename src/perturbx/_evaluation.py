@@ -1,7 +1,8 @@
 """Evaluation of a trained ``PerturbX`` on held-out conditions, side by side with baselines.
 
-:class:`EvaluationMixin` predicts every condition of an evaluation AnnData
-(:meth:`~perturbx._prediction.PredictionMixin.predict_conditions`) and scores it with
+:class:`EvaluationMixin` predicts every condition of an evaluation AnnData as
+:meth:`~perturbx._prediction.PredictionMixin.predict_conditions` does, reduced batch by batch
+to per-condition means (:func:`predicted_condition_means`), and scores them with
 :func:`perturbx.metrics.score`, whose perturbed centroid is the mean of the model's
 *training* conditions.
 """
@@ -10,10 +11,98 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from anndata import AnnData
+from tqdm.auto import tqdm
 
+from perturbx._prediction import sampling_member
 from perturbx.data._backed import is_on_disk
 from perturbx.module import COUNT_LIKELIHOODS
+
+
+def predicted_condition_means(
+    models: Sequence,
+    adata_eval: AnnData,
+    *,
+    n_cells_per_target: int | None = 500,
+    seed: int = 0,
+    batch_size: int = 1024,
+    target_sum: float = 1e4,
+) -> AnnData:
+    """Per-condition means of log-normalised predictions, without holding the predicted cells.
+
+    The same cells as :meth:`~perturbx.PerturbX.predict_conditions` (of one model, or of an
+    ensemble's members combined as :meth:`~perturbx.PerturbXEnsemble.predict_conditions`
+    does) are decoded batch by batch, log-normalised (counts: scaled to ``target_sum`` per
+    cell, then ``log1p``; Gaussian predictions are already log-normalised) and summed per
+    condition, so memory grows with conditions × genes, not with predicted cells.
+
+    Parameters
+    ----------
+    models
+        One ``PerturbX``, or the members of an ensemble (sharing their registration).
+    adata_eval, n_cells_per_target, seed, batch_size
+        As in :meth:`~perturbx.PerturbX.predict_conditions`.
+    target_sum
+        Counts per cell after normalisation (that of :func:`perturbx.metrics.score`).
+
+    Returns
+    -------
+    AnnData ``(n_conditions, n_genes)`` of mean log-normalised expression; ``.obs`` holds the
+    condition columns of ``adata_eval`` and ``n_cells``, the number of predicted cells.
+    """
+    from perturbx.metrics._pseudobulk import log_normalise
+
+    first = models[0]
+    sources, source_cells, targets = first._condition_targets(adata_eval)
+    sample = first.module.likelihood in COUNT_LIKELIHOODS
+    plans = [
+        model._plan_prediction(
+            sources, targets, source=source_cells, n_cells_per_target=n_cells_per_target,
+            library_size="observed", repeat_sources=sample, batch_size=batch_size, seed=seed,
+        )
+        for model in models
+    ]
+    for k, plan in enumerate(plans[1:], start=1):
+        if not all(map(np.array_equal, plan.target_rows, plans[0].target_rows)):
+            raise RuntimeError(
+                f"Ensemble member {k} chose other source cells than member 0; the members must "
+                "share their AnnData registration."
+            )
+    n_cells = np.asarray([len(rows) for rows in plans[0].target_rows])
+    sums = np.zeros((len(targets), plans[0].adata.n_vars))
+    members = zip(
+        *(
+            model._predicted_batches(plan, sample=sample, batch_size=batch_size, seed=seed)
+            for model, plan in zip(models, plans, strict=True)
+        ),
+        strict=True,
+    )
+    offset = 0
+    with tqdm(total=int(n_cells.sum()), desc="Predicting conditions", unit="cells",
+              disable=len(n_cells) < 2) as progress:
+        for batches in members:
+            target = batches[0][0]
+            values = [v for _, v in batches]
+            if sample:  # cell i is drawn by member i mod K, as in an ensemble's prediction
+                member = sampling_member(len(values[0]), len(values), offset)
+                combined = values[0].copy()
+                for k in range(1, len(values)):
+                    combined[member == k] = values[k][member == k]
+                combined, _ = log_normalise(combined, counts=True, target_sum=target_sum)
+            else:
+                combined = np.mean(values, axis=0, dtype=np.float64)
+            sums[target] += combined.sum(0, dtype=np.float64)
+            offset += len(values[0])
+            progress.update(len(values[0]))
+    obs = targets.drop(columns=[first._smiles_column], errors="ignore").astype(str)
+    obs["n_cells"] = n_cells
+    obs.index = [f"condition_{i}" for i in range(len(obs))]
+    means = AnnData(sums / n_cells[:, None], obs=obs, var=plans[0].adata.var[[]].copy())
+    layer = first.registry["setup_args"]["layer"]
+    if layer is not None:  # scored like the real cells, which are read from that layer
+        means.layers[layer] = means.X
+    return means
 
 
 class EvaluationMixin:
@@ -51,8 +140,9 @@ class EvaluationMixin:
             Predicted cells per condition (see :meth:`predict_conditions`). With a counts
             likelihood they are draws, so a condition's predicted mean carries Monte-Carlo
             error ∝ ``1 / sqrt(n_cells_per_target)``; for conditions with small effects (low
-            doses) use a few thousand (``benchmarks/bench_quality.py`` uses 3,000). All
-            predicted cells are held in memory.
+            doses) use a few thousand (``benchmarks/bench_quality.py`` uses 3,000).
+            Predicted cells are reduced to per-condition means batch by batch, so memory
+            does not grow with this number.
         baselines, top_k
             See :func:`perturbx.metrics.score`.
         method_name
@@ -68,8 +158,9 @@ class EvaluationMixin:
         ``summary`` median/mean per method, ``calibration``, ``normalised``).
         """
         self._check_can_score()
-        pred = self.predict_conditions(
-            adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
+        pred = predicted_condition_means(
+            [self], adata_eval, n_cells_per_target=n_cells_per_target, seed=seed,
+            batch_size=batch_size,
         )
         return self._score_predictions(
             pred, adata_eval, baselines=baselines, top_k=top_k, method_name=method_name, seed=seed
@@ -96,24 +187,44 @@ class EvaluationMixin:
         method_name: str,
         seed: int,
     ):
-        """Score predictions of ``adata_eval``'s conditions as :meth:`evaluate` does."""
+        """Score the output of :func:`predicted_condition_means` as :meth:`evaluate` does."""
         from perturbx.metrics import score
+        from perturbx.metrics._pseudobulk import condition_table
 
         pred.obs["method"] = method_name
         state = self._perturbation_state
         layer = self.registry["setup_args"]["layer"]
-        return score(
-            pred,
-            adata_eval,
+        condition_keys = dict(
             perturbation_key=state["perturbation_key"],
             control_value=state["control_value"],
             dose_key=state["dose_key"],
             covariate_keys=list(self._covariate_categories),
+        )
+        result = score(
+            pred,
+            adata_eval,
+            **condition_keys,
             method_key="method",
             layer=layer,
             counts=self.module.likelihood in COUNT_LIKELIHOODS,
+            pred_counts=False,
             top_k=top_k,
             baselines=baselines,
             seed=seed,
             centroid_reference=self.adata[self._training_indices()],
         )
+        # score counts pred's rows (one mean per condition); report the predicted cells.
+        table, codes = condition_table(pred.obs, dataset="pred", **condition_keys)
+        cells_of = dict(zip(table["condition"].to_numpy()[codes], pred.obs["n_cells"],
+                            strict=True))
+        per_condition = result.per_condition
+        ours = per_condition["method"] == method_name
+        per_condition.loc[ours, "n_obs_pred"] = per_condition.loc[ours, "condition"].map(cells_of)
+        predicted = "samples" if self.module.likelihood in COUNT_LIKELIHOODS else "means"
+        result.normalisation = result.normalisation.replace(
+            "pred: used as given (not raw counts; assumed already log-normalised)",
+            f"pred: per-condition means of the predicted cells ({predicted}) after the same "
+            "normalisation",
+        )
+        per_condition.attrs["normalisation"] = result.normalisation
+        return result

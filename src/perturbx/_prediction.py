@@ -10,7 +10,8 @@ in :mod:`perturbx._evaluation`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -19,11 +20,44 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
-from perturbx._targets import KEEP_SOURCE, resolve_targets
+from perturbx._targets import KEEP_SOURCE, ResolvedTargets, resolve_targets
 from perturbx.chem import canonical_smiles, nearest_reference
 from perturbx.data._fields import split_smiles_combination
 from perturbx.data._validation import check_obs
 from perturbx.module import COUNT_LIKELIHOODS, split_perturbations
+
+
+@dataclass
+class _PredictionPlan:
+    """A resolved :meth:`PredictionMixin.predict` query, before decoding.
+
+    ``targets``: the resolved targets; ``extra``: fingerprints of molecules outside the
+    vocabulary; ``adata`` / ``sources``: the source cells' AnnData and indices; ``basal``
+    ``(S, L)``, ``library`` ``(S, 1)``, ``covariates`` ``(S, C)``: their encoding;
+    ``target_rows``: for each target, the rows of ``sources`` it is predicted from.
+    """
+
+    targets: ResolvedTargets
+    extra: torch.Tensor | None
+    adata: AnnData
+    sources: np.ndarray
+    basal: torch.Tensor
+    library: torch.Tensor
+    covariates: torch.Tensor
+    target_rows: list[np.ndarray]
+
+    @property
+    def n_cells(self) -> int:
+        return sum(map(len, self.target_rows))
+
+
+def sampling_member(n_cells: int, n_models: int, offset: int = 0) -> np.ndarray:
+    """Which ensemble member draws each of ``n_cells`` sampled cells.
+
+    Cell ``i`` of an ensemble's sampled prediction is member ``i mod n_models``'s draw;
+    ``offset`` is the index of the first of these cells in the whole prediction.
+    """
+    return (offset + np.arange(n_cells)) % n_models
 
 
 class PredictionMixin:
@@ -175,13 +209,61 @@ class PredictionMixin:
         covariates, ``condition``, and for molecules not in the training data their
         ``smiles``, ``max_tanimoto_to_training`` and ``nearest_training_drug``.
         """
+        plan = self._plan_prediction(
+            adata, target, source=source, n_cells_per_target=n_cells_per_target,
+            library_size=library_size, repeat_sources=repeat_sources, batch_size=batch_size,
+            seed=seed,
+        )
+        # Filled batch by batch: peak memory is the result plus one batch, not twice the result.
+        predicted = np.empty((plan.n_cells, plan.adata.n_vars), dtype=np.float32)
+        offset = 0
+        for _, values in self._predicted_batches(plan, sample=sample, batch_size=batch_size,
+                                                 seed=seed):
+            predicted[offset : offset + len(values)] = values
+            offset += len(values)
+        obs = pd.concat(
+            [self._target_obs(plan, t) for t in range(len(plan.target_rows))], ignore_index=True
+        )
+        smiles_column = self._smiles_column
+        obs = self._annotate_new_molecules(obs, plan.targets, smiles_column)
+        obs.index = [f"pred_{i}" for i in range(len(obs))]
+        for key in obs.columns:
+            if obs[key].dtype == object:
+                obs[key] = obs[key].astype(str).astype("category")
+        result = AnnData(predicted, obs=obs, var=plan.adata.var[[]].copy())
+        state = self._perturbation_state
+        result.uns["perturbx_prediction"] = {
+            "likelihood": self.module.likelihood,
+            "values": "samples" if sample else "expected",
+            "library_size": library_size if library_size != "observed" else "observed",
+            "control_value": state["control_value"],
+            "perturbation_key": state["perturbation_key"],
+            "dose_key": state["dose_key"] or "dose",
+            "covariate_keys": list(self._covariate_categories),
+        }
+        return result
+
+    def _plan_prediction(
+        self,
+        adata: AnnData | None,
+        target,
+        *,
+        source: str | np.ndarray,
+        n_cells_per_target: int | None,
+        library_size: Literal["observed"] | float,
+        repeat_sources: bool,
+        batch_size: int,
+        seed: int,
+    ) -> _PredictionPlan:
+        """Resolve the targets, encode the source cells and choose each target's source rows
+        (arguments as in :meth:`predict`)."""
         if repeat_sources and n_cells_per_target is None:
             raise ValueError("repeat_sources=True needs n_cells_per_target (cells per target).")
         self.module.eval()
-        state = self._perturbation_state
-        categories = self._covariate_categories
-        smiles_column = self._smiles_column
-        targets = resolve_targets(target, state, categories, canonical_smiles, smiles_column)
+        targets = resolve_targets(
+            target, self._perturbation_state, self._covariate_categories, canonical_smiles,
+            self._smiles_column,
+        )
         extra = None
         if targets.new_smiles:
             extra = torch.from_numpy(self.featurizer(targets.new_smiles)).to(self.device)
@@ -194,7 +276,6 @@ class PredictionMixin:
                 raise ValueError("library_size applies to counts likelihoods ('nb'/'zinb') only.")
             library = torch.full_like(library, float(library_size))
         rng = np.random.default_rng(seed)
-        generator = torch.Generator().manual_seed(seed)
         target_rows = []
         for t in range(len(targets.obs)):
             rows = np.arange(len(sources))
@@ -213,58 +294,51 @@ class PredictionMixin:
                 extra_rows = rng.choice(rows, remainder, replace=False)
                 rows = np.sort(np.concatenate([np.repeat(rows, repeats), extra_rows]))
             target_rows.append(rows)
-        # Filled batch by batch: peak memory is the result plus one batch, not twice the result.
-        predicted = np.empty((sum(map(len, target_rows)), adata.n_vars), dtype=np.float32)
-        offset, obs_blocks = 0, []
-        for t, rows in enumerate(target_rows):
-            codes = targets.covariate_codes[t]
+        return _PredictionPlan(targets, extra, adata, sources, basal, library, covariates,
+                               target_rows)
+
+    @torch.inference_mode()
+    def _predicted_batches(
+        self, plan: _PredictionPlan, *, sample: bool, batch_size: int, seed: int
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Decode ``plan`` batch by batch: yields ``(target, (n, G) float32 values)`` in
+        target order, each target's cells in row order (``sample``: draws, else means)."""
+        generator = torch.Generator().manual_seed(seed)
+        for t, rows in enumerate(plan.target_rows):
+            codes = plan.targets.covariate_codes[t]
             for start in range(0, len(rows), batch_size):
                 chunk = torch.from_numpy(rows[start : start + batch_size])
                 n = len(chunk)
-                index = torch.from_numpy(targets.index[t]).expand(n, -1)
-                dose = torch.from_numpy(targets.dose[t]).expand(n, -1)
-                cov = covariates[chunk].clone()
+                index = torch.from_numpy(plan.targets.index[t]).expand(n, -1)
+                dose = torch.from_numpy(plan.targets.dose[t]).expand(n, -1)
+                cov = plan.covariates[chunk].clone()
                 for c, code in enumerate(codes):
                     if code != KEEP_SOURCE:
                         cov[:, c] = int(code)
                 px = self.module.generative(
-                    basal[chunk], library[chunk], index, dose, cov if cov.shape[1] else None, extra
+                    plan.basal[chunk], plan.library[chunk], index, dose,
+                    cov if cov.shape[1] else None, plan.extra,
                 )["px"]
                 if sample:
                     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
                     values = px.sample()
                 else:
                     values = px.mean
-                predicted[offset : offset + n] = values.cpu().numpy()
-                offset += n
-            obs = pd.DataFrame(
-                {"source_cell": adata.obs_names[sources[rows]].to_numpy()},
-            )
-            for key, value in targets.obs.iloc[t].items():
-                obs[key] = value
-            for c, key in enumerate(categories):
-                if codes[c] == KEEP_SOURCE:
-                    obs[key] = np.asarray(categories[key], dtype=object)[
-                        covariates[rows, c].numpy()
-                    ]
-            obs_blocks.append(obs)
-        obs = pd.concat(obs_blocks, ignore_index=True)
-        obs = self._annotate_new_molecules(obs, targets, smiles_column)
-        obs.index = [f"pred_{i}" for i in range(len(obs))]
-        for key in obs.columns:
-            if obs[key].dtype == object:
-                obs[key] = obs[key].astype(str).astype("category")
-        result = AnnData(predicted, obs=obs, var=adata.var[[]].copy())
-        result.uns["perturbx_prediction"] = {
-            "likelihood": self.module.likelihood,
-            "values": "samples" if sample else "expected",
-            "library_size": library_size if library_size != "observed" else "observed",
-            "control_value": state["control_value"],
-            "perturbation_key": state["perturbation_key"],
-            "dose_key": state["dose_key"] or "dose",
-            "covariate_keys": list(categories),
-        }
-        return result
+                yield t, values.cpu().numpy().astype(np.float32, copy=False)
+
+    def _target_obs(self, plan: _PredictionPlan, t: int) -> pd.DataFrame:
+        """``.obs`` of target ``t``'s predicted cells (before the new-molecule annotation)."""
+        rows = plan.target_rows[t]
+        categories = self._covariate_categories
+        obs = pd.DataFrame({"source_cell": plan.adata.obs_names[plan.sources[rows]].to_numpy()})
+        for key, value in plan.targets.obs.iloc[t].items():
+            obs[key] = value
+        for c, key in enumerate(categories):
+            if plan.targets.covariate_codes[t][c] == KEEP_SOURCE:
+                obs[key] = np.asarray(categories[key], dtype=object)[
+                    plan.covariates[rows, c].numpy()
+                ]
+        return obs
 
     def _annotate_new_molecules(
         self, obs: pd.DataFrame, targets, smiles_column: str
@@ -389,10 +463,35 @@ class PredictionMixin:
         (counts for counts likelihoods, log-normalised values for ``gaussian``; copied to
         the registered layer too, so that it can be scored like the real cells).
         """
+        sources, source_cells, targets = self._condition_targets(adata_eval)
+        sample = self.module.likelihood in COUNT_LIKELIHOODS
+        pred = self.predict(
+            sources,
+            target=targets,
+            source=source_cells,
+            n_cells_per_target=n_cells_per_target,
+            # Counts: samples, so that predictions and cells share the noise that the
+            # log-normalisation turns into bias (log of a mean != mean of logs), and enough
+            # of them that the predicted condition is not just a few draws.
+            sample=sample,
+            repeat_sources=sample,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        layer = self.registry["setup_args"]["layer"]
+        if layer is not None:
+            pred.layers[layer] = pred.X
+        return pred
+
+    def _condition_targets(
+        self, adata_eval: AnnData
+    ) -> tuple[AnnData, str | np.ndarray, pd.DataFrame]:
+        """The source cells and targets with which :meth:`predict_conditions` calls
+        :meth:`predict`: ``(source AnnData, source, targets)``, one target per perturbed
+        condition of ``adata_eval`` (perturbation × dose × covariates), in name order."""
         state = self._perturbation_state
         pkey, dkey = state["perturbation_key"], state["dose_key"]
         covariate_keys = list(self._covariate_categories)
-        layer = self.registry["setup_args"]["layer"]
         if self.adata is None:
             raise ValueError(
                 "Predicting held-out conditions needs the model's training AnnData (load the "
@@ -430,23 +529,7 @@ class PredictionMixin:
             .drop_duplicates(subset=[pkey] + ([dkey] if dkey else []) + covariate_keys)
         )
         order = np.argsort(targets.astype(str).agg("|".join, axis=1).to_numpy(), kind="stable")
-        targets = targets.iloc[order]
-        pred = self.predict(
-            sources,
-            target=targets.reset_index(drop=True),
-            source=source_cells,
-            n_cells_per_target=n_cells_per_target,
-            # Counts: samples, so that predictions and cells share the noise that the
-            # log-normalisation turns into bias (log of a mean != mean of logs), and enough
-            # of them that the predicted condition is not just a few draws.
-            sample=self.module.likelihood in COUNT_LIKELIHOODS,
-            repeat_sources=self.module.likelihood in COUNT_LIKELIHOODS,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        if layer is not None:
-            pred.layers[layer] = pred.X
-        return pred
+        return sources, source_cells, targets.iloc[order].reset_index(drop=True)
 
     def _training_indices(self) -> np.ndarray:
         if self.train_indices_ is None:

@@ -17,6 +17,8 @@ import numpy as np
 from anndata import AnnData
 from scvi import settings
 
+from perturbx._evaluation import predicted_condition_means
+from perturbx._prediction import sampling_member
 from perturbx.model import PerturbX
 
 _MANIFEST = "perturbx_ensemble.json"
@@ -216,8 +218,9 @@ class PerturbXEnsemble:
         ``"PerturbX (ensemble of K)"``."""
         first = self.models[0]
         first._check_can_score()
-        pred = self.predict_conditions(
-            adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
+        pred = predicted_condition_means(
+            self.models, adata_eval, n_cells_per_target=n_cells_per_target, seed=seed,
+            batch_size=batch_size,
         )
         return first._score_predictions(
             pred,
@@ -233,7 +236,7 @@ class PerturbXEnsemble:
         result = predict_one(self.models[0])
         sampled = result.uns["perturbx_prediction"]["values"] == "samples"
         n_models = len(self)
-        member = np.arange(result.n_obs) % n_models
+        member = sampling_member(result.n_obs, n_models)
         total = np.asarray(result.X, dtype=np.float64) if not sampled else None
         for k, model in enumerate(self.models[1:], start=1):
             other = predict_one(model)

@@ -150,6 +150,7 @@ def score(
     method_key: str | None = None,
     layer: str | None = None,
     counts: bool | None = None,
+    pred_counts: bool | None = None,
     target_sum: float = DEFAULT_TARGET_SUM,
     top_k: Sequence[int] = (20, 50),
     baselines: Sequence[str] = BASELINES,
@@ -185,6 +186,10 @@ def score(
     counts
         Whether the expression is raw counts; ``None``: detected per object (non-negative
         integers).
+    pred_counts
+        Whether ``pred``'s expression is raw counts, when it differs from ``real``'s (e.g.
+        ``False`` for per-condition means of log-normalised predictions scored against raw
+        counts); ``None``: as ``counts``.
     target_sum
         Counts per cell after normalisation.
     top_k
@@ -329,8 +334,9 @@ def score(
     # --- predictions: user methods, then baselines ---
     pred_matrix = get_expression(pred, layer)
     pred_keep = np.flatnonzero(pred_perturbed[pred_codes])
-    pred_matrix, pred_note = log_normalise(pred_matrix[pred_keep][:, pred_columns],
-                                           counts=counts, target_sum=target_sum)
+    pred_matrix, pred_note = log_normalise(
+        pred_matrix[pred_keep][:, pred_columns],
+        counts=counts if pred_counts is None else pred_counts, target_sum=target_sum)
     eval_index = {real_table["key"].iat[r]: e for e, r in enumerate(eval_rows)}
     eval_of_pred_row = np.asarray([eval_index.get(k, -1) for k in pred_table["key"]])
     pred_eval = eval_of_pred_row[pred_codes[pred_keep]]
