@@ -329,3 +329,22 @@ def test_sparse_counts_in_a_layer_give_the_same_result(real):
     pd.testing.assert_frame_equal(dense, sparse, rtol=1e-6, atol=1e-9)
     with pytest.raises(KeyError, match="'counts'"):
         pm.score(pred, real, perturbation_key="drug", layer="counts")
+
+
+def test_log_normalised_means_score_like_the_counts_they_summarise(real):
+    cells = evaluated(simulate(seed=1))  # another draw as prediction: raw counts, several
+    cells.obs_names = [f"pred{i}" for i in range(cells.n_obs)]  # cells per condition
+    logged, _ = pm.log_normalise(cells.X, counts=True)
+    codes, labels = pd.factorize(cells.obs["drug"])
+    means = np.vstack([logged[codes == i].mean(0) for i in range(len(labels))])
+    summary = AnnData(means, obs=pd.DataFrame({"drug": labels}, index=labels.astype(str)))
+    summary.var_names = cells.var_names
+    kw = dict(perturbation_key="drug", counts=True, baselines=("control_mean",))
+    from_cells = rows(pm.score(cells, real, **kw), "model")
+    from_means = rows(pm.score(summary, real, pred_counts=False, **kw), "model")
+    for metric in ("weighted_mse", "pearson_delta_centroid_top20", "centroid_accuracy"):
+        np.testing.assert_allclose(from_means[metric], from_cells[metric], rtol=1e-5,
+                                   err_msg=metric)
+    # read as counts (pred_counts defaults to counts), the means would be normalised again
+    again = rows(pm.score(summary, real, **kw), "model")
+    assert not np.allclose(again["weighted_mse"], from_cells["weighted_mse"], rtol=1e-3)
