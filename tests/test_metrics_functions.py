@@ -197,6 +197,50 @@ def test_log_normalise_by_hand(sparse):
         pm.log_normalise(-np.ones((2, 2)), counts=True)
 
 
+@pytest.mark.parametrize("layout", ["dense", "csr", "csc"])
+def test_log_normalise_in_blocks_of_rows(layout, monkeypatch):
+    from perturbx.metrics import _pseudobulk
+
+    monkeypatch.setattr(_pseudobulk, "_ROWS_PER_BLOCK", 4)  # blocks cut the 11 cells
+    counts = np.random.default_rng(0).poisson(1.5, (11, 6))
+    counts[3] = 0  # an empty cell stays zero
+    expected = np.log1p(
+        counts / np.maximum(counts.sum(1, keepdims=True), 1) * 10.0
+    )
+    matrix = {"dense": counts, "csr": sp.csr_matrix(counts), "csc": sp.csc_matrix(counts)}[
+        layout
+    ]
+    before = matrix.copy()
+    out, _ = pm.log_normalise(matrix, counts=True, target_sum=10.0)
+    assert sp.issparse(out) == (layout != "dense")
+    np.testing.assert_allclose(out.toarray() if sp.issparse(out) else out, expected, rtol=1e-6)
+    after = matrix.toarray() if sp.issparse(matrix) else matrix
+    np.testing.assert_array_equal(after, before.toarray() if sp.issparse(before) else before)
+
+
+def test_log_normalise_sums_duplicate_sparse_entries():
+    # (0, 0) is stored twice: 1 + 2 counts; the cell has 3 + 1 = 4 counts
+    matrix = sp.csr_matrix((np.array([1.0, 2.0, 1.0]), np.array([0, 0, 1]), np.array([0, 3])),
+                           shape=(1, 2))
+    out, _ = pm.log_normalise(matrix, counts=True, target_sum=4.0)
+    np.testing.assert_allclose(out.toarray(), np.log1p([[3.0, 1.0]]), rtol=1e-6)
+
+
+def test_log_normalise_peak_memory_is_about_one_copy():
+    import tracemalloc
+
+    matrix = sp.random(100_000, 100, density=0.1, format="csr", dtype=np.float32,
+                       random_state=0, data_rvs=lambda n: np.ones(n))
+    size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
+    tracemalloc.start()
+    try:
+        pm.log_normalise(matrix, counts=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * size, f"peak {peak / size:.2f} x the matrix"
+
+
 def test_pseudobulk_means_in_log_space():
     counts = np.array([[1, 1], [3, 1], [0, 4], [2, 2]], dtype=np.float32)
     adata = AnnData(counts, obs=pd.DataFrame({"g": ["a", "a", "b", "b"]},

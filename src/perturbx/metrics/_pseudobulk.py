@@ -19,6 +19,7 @@ from anndata import AnnData
 from perturbx.data._parsing import format_condition, parse_condition_columns
 
 DEFAULT_TARGET_SUM = 1e4
+_ROWS_PER_BLOCK = 8192  # log_normalise works on this many cells at a time
 
 #: Columns of the table returned by :func:`condition_table` besides the covariates.
 CONDITION_COLUMNS = ("condition", "perturbation", "dose", "is_control")
@@ -94,12 +95,23 @@ def log_normalise(
     totals = np.asarray(matrix.sum(axis=1), dtype=np.float64).ravel()
     # Empty cells stay zero instead of dividing by zero.
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    # One output copy, filled in blocks of rows computed in float64: peak memory is the
+    # output plus a block, not several float64 copies of the whole matrix.
     if sp.issparse(matrix):
-        out = sp.csr_matrix(sp.diags(scale) @ sp.csr_matrix(matrix, dtype=np.float64))
-        out.data = np.log1p(out.data).astype(dtype)
-        out = out.astype(dtype)
+        out = sp.csr_matrix(matrix, dtype=dtype, copy=True)
+        out.sum_duplicates()
+        entries_per_row = np.diff(out.indptr)
     else:
-        out = np.log1p(np.asarray(matrix, dtype=np.float64) * scale[:, None]).astype(dtype)
+        matrix = np.asarray(matrix)
+        out = np.empty(matrix.shape, dtype=dtype)
+    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
+        rows = slice(start, start + _ROWS_PER_BLOCK)
+        if sp.issparse(matrix):
+            entries = slice(out.indptr[rows.start], out.indptr[min(rows.stop, out.shape[0])])
+            scaled = out.data[entries] * np.repeat(scale[rows], entries_per_row[rows])
+            out.data[entries] = np.log1p(scaled)
+        else:
+            out[rows] = np.log1p(matrix[rows].astype(np.float64) * scale[rows, None])
     note = f"raw counts normalised to {target_sum:g} per cell, then log1p"
     return out, note
 
