@@ -348,3 +348,36 @@ def test_log_normalised_means_score_like_the_counts_they_summarise(real):
     # read as counts (pred_counts defaults to counts), the means would be normalised again
     again = rows(pm.score(summary, real, **kw), "model")
     assert not np.allclose(again["weighted_mse"], from_cells["weighted_mse"], rtol=1e-3)
+
+
+def test_centroid_reference_is_read_in_blocks_not_copied(real):
+    import tracemalloc
+
+    pred = evaluated(simulate(seed=3))
+    without_training = real[~real.obs["drug"].str.startswith("T")].copy()
+    n = 60_000
+    rng = np.random.default_rng(0)
+    reference = AnnData(
+        rng.poisson(2.0, (n, real.n_vars)).astype(np.float32),
+        obs=pd.DataFrame({"drug": rng.choice(["T0", "T1", "T2"], n), "cell_line": "x"},
+                         index=[f"r{i}" for i in range(n)]),
+        var=pd.DataFrame(index=real.var_names),
+    )
+    kw = dict(perturbation_key="drug", baselines=("control_mean",))
+    # imports and the DE test's cache are not what is measured
+    pm.score(pred, without_training, centroid_reference=reference[:100].copy(), **kw)
+    tracemalloc.start()
+    try:
+        result = pm.score(pred, without_training, centroid_reference=reference, **kw)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A copy of the reference, or its log-normalised copy, would alone reach 1x / 2x.
+    assert peak < 2 * reference.X.nbytes, f"peak {peak / reference.X.nbytes:.2f} x"
+    # and its cells did form the centroid: the mean of the three training conditions
+    logged, _ = pm.log_normalise(reference.X, counts=True)
+    labels = reference.obs["drug"].to_numpy()
+    expected = np.mean([logged[labels == t].mean(0, dtype=np.float64) for t in ("T0", "T1", "T2")],
+                       axis=0)
+    centroid = result.references.layers["centroid"]
+    np.testing.assert_allclose(centroid, np.broadcast_to(expected, centroid.shape), rtol=1e-5)

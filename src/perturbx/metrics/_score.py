@@ -20,6 +20,7 @@ from perturbx.metrics._baselines import (
     split_halves,
 )
 from perturbx.metrics._calibration import DEFAULT_DRF_THRESHOLD, calibrate
+from perturbx.metrics._cells import real_cells, with_centroid_reference
 from perturbx.metrics._de import differential_expression
 from perturbx.metrics._functions import _check_top_k, metric_arrays, metric_info
 from perturbx.metrics._inputs import check_arguments, match_genes, training_rows
@@ -28,6 +29,7 @@ from perturbx.metrics._pseudobulk import (
     condition_table,
     get_expression,
     group_means,
+    is_count_matrix,
     log_normalise,
 )
 
@@ -208,7 +210,9 @@ def score(
         Real cells that form ``mu`` instead of ``real`` (e.g. the training cells, when the
         evaluated conditions were also trained on: their held-out cells in ``real`` are the
         truth, their training cells in ``centroid_reference`` enter ``mu``). Controls in it
-        are ignored; ``train_perturbations`` then selects among its perturbations.
+        are ignored; ``train_perturbations`` then selects among its perturbations. Genes
+        missing from it are not scored. Its cells are read and averaged a block at a time,
+        never copied as a whole, so it may be large (a model's whole training set).
 
     Returns
     -------
@@ -228,14 +232,17 @@ def score(
         covariate_keys)
     baselines = list(baselines)
     if centroid_reference is not None:
-        real, train_perturbations = _with_centroid_reference(
+        cells, train_perturbations = with_centroid_reference(
             real, centroid_reference, train_perturbations, perturbation_key=perturbation_key,
             dose_key=dose_key, covariate_keys=covariate_keys, control_value=control_value,
             layer=layer)
+    else:
+        cells = real_cells(real, layer)
+    real = cells.as_anndata()
     check_arguments(pred, real, perturbation_key=perturbation_key, dose_key=dose_key,
                     covariate_keys=covariate_keys, method_key=method_key, baselines=baselines,
                     seed=seed)
-    real_columns, pred_columns, genes = match_genes(pred, real)
+    _, pred_columns, genes = match_genes(pred, real)
     table_args = dict(perturbation_key=perturbation_key, dose_key=dose_key,
                       covariate_keys=covariate_keys, control_value=control_value)
     real_table, real_codes = condition_table(real.obs, dataset="real", **table_args)
@@ -278,11 +285,15 @@ def score(
     use_duplicate = POSITIVE_CONTROL in baselines
     eligible = np.asarray([use_duplicate and n_cells_real[r] >= MIN_CELLS_FOR_DUPLICATE
                            for r in eval_rows], dtype=bool)
-    used_rows = np.asarray([*control_rows.values(), *train_rows, *eval_rows])
+    # Controls and evaluated conditions are held for the DE tests; the training conditions
+    # only enter the centroid, whose means are computed a block of cells at a time below.
+    used_rows = np.asarray([*control_rows.values(), *eval_rows])
     used_cells = np.flatnonzero(np.isin(real_codes, used_rows))
     cell_codes = real_codes[used_cells]
-    matrix = get_expression(real, layer)[used_cells][:, real_columns]
-    matrix, real_note = log_normalise(matrix, counts=counts, target_sum=target_sum)
+    matrix = cells.take(used_cells, genes)
+    # Resolved here for the training cells' means too, which are read in blocks.
+    real_counts = is_count_matrix(matrix) if counts is None else counts
+    matrix, real_note = log_normalise(matrix, counts=real_counts, target_sum=target_sum)
     half = split_halves(
         cell_codes, real.obs_names.to_numpy()[used_cells],
         {eval_rows[e]: eval_table["condition"].iat[e] for e in np.flatnonzero(eligible)}, seed,
@@ -296,6 +307,12 @@ def score(
     mean_codes = code_map[cell_codes]
     mean_codes = np.where(half == 2, mean_codes + n_eval, mean_codes)
     means, n_in_group = group_means(matrix, mean_codes, n_ctrl + n_train + 2 * n_eval)
+    all_codes = code_map[real_codes]
+    train_cells = np.flatnonzero((all_codes >= n_ctrl) & (all_codes < n_ctrl + n_train))
+    train_slice = slice(n_ctrl, n_ctrl + n_train)
+    means[train_slice], n_in_group[train_slice] = cells.log_normalised_means(
+        train_cells, all_codes[train_cells] - n_ctrl, n_train, genes, counts=real_counts,
+        target_sum=target_sum)
     truth_slice = slice(n_ctrl + n_train, n_ctrl + n_train + n_eval)
     true_means, n_cells_true = means[truth_slice], n_in_group[truth_slice]
     half2_means = means[n_ctrl + n_train + n_eval:]
@@ -458,50 +475,3 @@ def _summary(per_condition: pd.DataFrame, normalised: pd.DataFrame, metrics) -> 
     out = out.sort_values(["method", "metric"], ignore_index=True)
     out["method"], out["metric"] = out["method"].astype(str), out["metric"].astype(str)
     return out
-
-
-_REFERENCE_PREFIX = "reference::"
-
-
-def _with_centroid_reference(real, reference, train_perturbations, *, perturbation_key,
-                             dose_key, covariate_keys, control_value, layer):
-    """Append the reference's perturbed cells to ``real`` under distinct perturbation labels.
-
-    Every member is prefixed (``"A+B"`` → ``"reference::A+reference::B"``) so that the
-    reference conditions can never be mistaken for evaluated ones; they are then the only
-    conditions that form the centroid.
-    """
-    import anndata
-
-    columns = [perturbation_key] + ([dose_key] if dose_key else []) + list(covariate_keys)
-    missing = [c for c in columns if c not in reference.obs.columns]
-    if missing:
-        raise KeyError(f"centroid_reference.obs lacks the column(s) {missing}.")
-    labels = reference.obs[perturbation_key].astype(str)
-    keep = (labels != control_value).to_numpy()
-    if train_perturbations is not None:
-        keep &= labels.isin([str(t) for t in train_perturbations]).to_numpy()
-    if not keep.any():
-        raise ValueError("centroid_reference has no perturbed cells to form the centroid.")
-    ref = reference[keep]
-    obs = ref.obs[columns].copy()
-    for column in columns:
-        if obs[column].dtype.name == "category":
-            obs[column] = obs[column].astype(str)
-    obs[perturbation_key] = [
-        "+".join(_REFERENCE_PREFIX + m for m in label.split("+"))
-        for label in obs[perturbation_key].astype(str)
-    ]
-    obs.index = [f"{_REFERENCE_PREFIX}{i}" for i in range(ref.n_obs)]
-    parts = []
-    for part, part_obs in ((real, real.obs[columns].copy()), (ref, obs)):
-        for column in columns:
-            if part_obs[column].dtype.name == "category":
-                part_obs[column] = part_obs[column].astype(str)
-        x = get_expression(part, layer)
-        item = AnnData(x, obs=part_obs, var=part.var[[]].copy())
-        if layer is not None:
-            item.layers[layer] = x
-        parts.append(item)
-    combined = anndata.concat(parts, join="inner", merge="same")
-    return combined, sorted(set(obs[perturbation_key]))
