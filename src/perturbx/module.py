@@ -420,13 +420,11 @@ class PerturbXModule(BaseModuleClass):
         latent = basal_latent + perturbation_shift + covariate_shift
         if self.shift_head is None:
             h = self.decoder_body(latent)
-            linear_effect = 0.0
         else:
             h = self.decoder_body(basal_latent + covariate_shift)
-            linear_effect = self.shift_head(perturbation_shift)
         outputs = {"latent": latent, "perturbation_shift": perturbation_shift}
         if self.likelihood in COUNT_LIKELIHOODS:
-            scale_logits = self.scale_head(h) + linear_effect
+            scale_logits = self._plus_linear_effect(self.scale_head(h), perturbation_shift)
             outputs["decoder_output"] = scale_logits
             log_scale = torch.log_softmax(scale_logits, dim=-1)
             log_rate = torch.log(library) + log_scale
@@ -441,11 +439,16 @@ class PerturbXModule(BaseModuleClass):
                 outputs["log_rate"] = log_rate
         else:
             scale = (self.log_variance.exp() + _MIN_VARIANCE).sqrt()
-            mean = self.mean_head(h) + linear_effect
+            mean = self._plus_linear_effect(self.mean_head(h), perturbation_shift)
             outputs["decoder_output"] = mean
             px = Normal(mean, scale.expand(h.shape[0], -1))
         outputs["px"] = px
         return outputs
+
+    def _plus_linear_effect(self, output: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """``output + W shift`` with ``linear_shift_head``, else ``output`` itself (no copy:
+        it is a (B, G) tensor)."""
+        return output if self.shift_head is None else output + self.shift_head(shift)
 
     def _decoder_output(self, latent: torch.Tensor) -> torch.Tensor:
         """The decoder's ``(B, G)`` output for latents ``(B, L)``: NB/ZINB log-scale logits
