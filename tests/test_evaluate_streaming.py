@@ -34,6 +34,19 @@ def _held_out(adata):
     return adata[adata.obs["drug"].isin(HELD_OUT)].copy()
 
 
+def _means_of_cells(cells, means):
+    """Means of the log-normalised predicted ``cells`` per condition, in the row order of
+    ``means``, and the number of cells of each."""
+    columns = ["drug", "dose", "cell_type"]
+    logged, _ = log_normalise(cells.X, counts=True)
+    codes, labels = pd.factorize(cells.obs[columns].astype(str).agg("|".join, axis=1))
+    expected, n_cells = group_means(logged, codes, len(labels))
+    order = means.obs[columns].astype(str).agg("|".join, axis=1)
+    assert sorted(order) == sorted(labels)
+    rows = [list(labels).index(label) for label in order]
+    return expected[rows], n_cells[rows]
+
+
 @pytest.mark.parametrize("likelihood", ["nb", "gaussian"])
 def test_evaluate_equals_scoring_the_predicted_cells(likelihood):
     model, adata = _trained(likelihood)
@@ -71,16 +84,9 @@ def test_condition_means_are_the_means_of_the_log_normalised_cells():
     means = predicted_condition_means([model], held, n_cells_per_target=40, seed=1,
                                       batch_size=16)
     cells = model.predict_conditions(held, n_cells_per_target=40, seed=1, batch_size=16)
-    logged, _ = log_normalise(cells.X, counts=True)
-    codes, labels = pd.factorize(
-        cells.obs[["drug", "dose", "cell_type"]].astype(str).agg("|".join, axis=1)
-    )
-    expected, n_cells = group_means(logged, codes, len(labels))
-    order = means.obs[["drug", "dose", "cell_type"]].astype(str).agg("|".join, axis=1)
-    assert sorted(order) == sorted(labels)
-    rows = [list(labels).index(label) for label in order]
-    np.testing.assert_allclose(means.X, expected[rows], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(means.obs["n_cells"], n_cells[rows])
+    expected, n_cells = _means_of_cells(cells, means)
+    np.testing.assert_allclose(means.X, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(means.obs["n_cells"], n_cells)
     assert (means.obs["n_cells"] == 40).all()
 
 
@@ -95,14 +101,8 @@ def test_ensemble_means_take_each_cell_from_its_member():
                                       batch_size=15)
     # odd batch and condition sizes: batches start at odd and even cells
     cells = ensemble.predict_conditions(held, n_cells_per_target=31, seed=2, batch_size=15)
-    logged, _ = log_normalise(cells.X, counts=True)
-    codes, labels = pd.factorize(
-        cells.obs[["drug", "dose", "cell_type"]].astype(str).agg("|".join, axis=1)
-    )
-    expected, _ = group_means(logged, codes, len(labels))
-    order = means.obs[["drug", "dose", "cell_type"]].astype(str).agg("|".join, axis=1)
-    rows = [list(labels).index(label) for label in order]
-    np.testing.assert_allclose(means.X, expected[rows], rtol=1e-5, atol=1e-6)
+    expected, _ = _means_of_cells(cells, means)
+    np.testing.assert_allclose(means.X, expected, rtol=1e-5, atol=1e-6)
     # and not what either member alone predicts
     alone = predicted_condition_means(models[:1], held, n_cells_per_target=31, seed=2,
                                       batch_size=15)
