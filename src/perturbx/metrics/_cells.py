@@ -15,7 +15,12 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from perturbx.metrics._pseudobulk import get_expression, log_normalise
+from perturbx.metrics._pseudobulk import (
+    get_expression,
+    group_sums,
+    log_normalise,
+    means_of_sums,
+)
 
 _REFERENCE_PREFIX = "reference::"
 _CELLS_PER_BLOCK = 8192  # cells read and log-normalised at a time for centroid means
@@ -29,13 +34,15 @@ class RealCells:
     parts
         ``(adata, rows)`` pairs: the cells ``rows`` of ``adata`` (``None``: all of them),
         numbered consecutively in this order.
+    obs
+        ``.obs`` of those cells, in the same order.
     layer
         Expression layer of every part (``None``: ``X``).
 
     Attributes
     ----------
     obs
-        ``.obs`` of all cells (only the condition columns for a reference).
+        As given.
     genes
         Names of the genes every part has, in the first part's order.
     """
@@ -87,20 +94,15 @@ class RealCells:
         sorted ``cells`` (group ``codes``), read a block of cells at a time; and the number
         of cells per group."""
         sums = np.zeros((n_groups, len(genes)))
+        n_cells = np.zeros(n_groups, dtype=np.int64)
         for start in range(0, len(cells), _CELLS_PER_BLOCK):
             block = slice(start, start + _CELLS_PER_BLOCK)
             values, _ = log_normalise(self.take(cells[block], genes), counts=counts,
                                       target_sum=target_sum)
-            block_codes = codes[block]
-            indicator = sp.csr_matrix(
-                (np.ones(len(block_codes)), (block_codes, np.arange(len(block_codes)))),
-                shape=(n_groups, len(block_codes)),
-            )
-            partial = indicator @ values
-            sums += partial.toarray() if sp.issparse(partial) else np.asarray(partial)
-        n_cells = np.bincount(codes, minlength=n_groups)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return sums / n_cells[:, None], n_cells
+            block_sums, block_cells = group_sums(values, codes[block], n_groups)
+            sums += block_sums
+            n_cells += block_cells
+        return means_of_sums(sums, n_cells), n_cells
 
 
 def real_cells(real: AnnData, layer: str | None) -> RealCells:

@@ -116,6 +116,21 @@ def log_normalise(
     return out, note
 
 
+def group_sums(
+    matrix: np.ndarray | sp.spmatrix | sp.sparray, codes: np.ndarray, n_groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of the rows of ``matrix`` per group: ``(n_groups, n_genes)`` float64 sums and
+    ``(n_groups,)`` row counts (arguments as in :func:`group_means`)."""
+    codes = np.asarray(codes)
+    keep = np.flatnonzero(codes >= 0)
+    indicator = sp.csr_matrix(
+        (np.ones(keep.size), (codes[keep], keep)), shape=(n_groups, matrix.shape[0])
+    )
+    sums = indicator @ matrix
+    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    return sums.astype(np.float64), np.bincount(codes[keep], minlength=n_groups)
+
+
 def group_means(
     matrix: np.ndarray | sp.spmatrix | sp.sparray, codes: np.ndarray, n_groups: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,18 +152,16 @@ def group_means(
     n_cells
         ``(n_groups,)`` number of rows per group.
     """
-    codes = np.asarray(codes)
-    keep = np.flatnonzero(codes >= 0)
-    indicator = sp.csr_matrix(
-        (np.ones(keep.size), (codes[keep], keep)), shape=(n_groups, matrix.shape[0])
-    )
-    sums = indicator @ matrix
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    n_cells = np.bincount(codes[keep], minlength=n_groups)
+    sums, n_cells = group_sums(matrix, codes, n_groups)
+    return means_of_sums(sums, n_cells), n_cells
+
+
+def means_of_sums(sums: np.ndarray, n_cells: np.ndarray) -> np.ndarray:
+    """``sums / n_cells`` per row; rows of empty groups are NaN."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums.astype(np.float64) / n_cells[:, None]
+        means = sums / n_cells[:, None]
     means[n_cells == 0] = np.nan
-    return means, n_cells
+    return means
 
 
 def pseudobulk(
