@@ -16,7 +16,6 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from perturbx._prediction import sampling_member
-from perturbx.data._backed import is_on_disk
 from perturbx.module import COUNT_LIKELIHOODS
 
 
@@ -157,7 +156,6 @@ class EvaluationMixin:
         :class:`perturbx.metrics.EvaluationResult` (``per_condition`` tidy table,
         ``summary`` median/mean per method, ``calibration``, ``normalised``).
         """
-        self._check_can_score()
         pred = predicted_condition_means(
             [self], adata_eval, n_cells_per_target=n_cells_per_target, seed=seed,
             batch_size=batch_size,
@@ -165,17 +163,6 @@ class EvaluationMixin:
         return self._score_predictions(
             pred, adata_eval, baselines=baselines, top_k=top_k, method_name=method_name, seed=seed
         )
-
-    def _check_can_score(self) -> None:
-        layer = self.registry["setup_args"]["layer"]
-        if self.adata is not None and is_on_disk(self.adata, layer):
-            raise ValueError(
-                "evaluate needs the expression of the model's training cells in memory (their "
-                "condition means form the perturbed centroid), but the model's AnnData is read "
-                "from disk (backed). Use predict_conditions(adata_eval) and "
-                "perturbx.metrics.score(..., centroid_reference=model.adata[cells].to_memory()) "
-                "with a subsample of training cells, or load the model with an in-memory AnnData."
-            )
 
     def _score_predictions(
         self,
@@ -189,6 +176,7 @@ class EvaluationMixin:
     ):
         """Score the output of :func:`predicted_condition_means` as :meth:`evaluate` does."""
         from perturbx.metrics import score
+        from perturbx.metrics._cells import CellSubset
         from perturbx.metrics._pseudobulk import condition_table
 
         pred.obs["method"] = method_name
@@ -211,7 +199,9 @@ class EvaluationMixin:
             top_k=top_k,
             baselines=baselines,
             seed=seed,
-            centroid_reference=self.adata[self._training_indices()],
+            # The training cells by index, not as a view: read a block at a time, also from
+            # a backed AnnData.
+            centroid_reference=CellSubset(self.adata, self._training_indices()),
         )
         # score counts pred's rows (one mean per condition); report the predicted cells.
         table, codes = condition_table(pred.obs, dataset="pred", **condition_keys)

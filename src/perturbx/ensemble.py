@@ -217,7 +217,6 @@ class PerturbXEnsemble:
         training conditions, which all members share). ``method_name`` defaults to
         ``"PerturbX (ensemble of K)"``."""
         first = self.models[0]
-        first._check_can_score()
         pred = predicted_condition_means(
             self.models, adata_eval, n_cells_per_target=n_cells_per_target, seed=seed,
             batch_size=batch_size,

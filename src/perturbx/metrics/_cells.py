@@ -9,6 +9,7 @@ so that a large reference costs neither a copy nor a log-normalised copy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,16 @@ from perturbx.metrics._pseudobulk import (
 
 _REFERENCE_PREFIX = "reference::"
 _CELLS_PER_BLOCK = 8192  # cells read and log-normalised at a time for centroid means
+
+
+@dataclass
+class CellSubset:
+    """The cells ``rows`` of ``adata``, given to :func:`~perturbx.metrics.score` as
+    ``centroid_reference`` without making a view (anndata copies a view's expression when it
+    is read, and would read a view of a backed AnnData whole)."""
+
+    adata: AnnData
+    rows: np.ndarray
 
 
 class RealCells:
@@ -114,22 +125,28 @@ def with_centroid_reference(real, reference, train_perturbations, *, perturbatio
                             dose_key, covariate_keys, control_value, layer):
     """``real``'s cells followed by the reference's perturbed cells, relabelled.
 
-    Every member of a reference perturbation is prefixed (``"A+B"`` →
-    ``"reference::A+reference::B"``) so that reference conditions can never be mistaken for
-    evaluated ones; they are then the only conditions that form the centroid. Returns the
+    ``reference`` is an AnnData or a :class:`CellSubset`. Every member of a reference
+    perturbation is prefixed (``"A+B"`` → ``"reference::A+reference::B"``) so that reference
+    conditions can never be mistaken for evaluated ones; they are then the only conditions
+    that form the centroid. Returns the
     :class:`RealCells` and the (prefixed) training perturbations.
     """
+    rows = None
+    if isinstance(reference, CellSubset):
+        # Sorted: rows are then read in file order from a backed AnnData.
+        reference, rows = reference.adata, np.sort(np.asarray(reference.rows))
     columns = [perturbation_key] + ([dose_key] if dose_key else []) + list(covariate_keys)
     missing = [c for c in columns if c not in reference.obs.columns]
     if missing:
         raise KeyError(f"centroid_reference.obs lacks the column(s) {missing}.")
-    labels = reference.obs[perturbation_key].astype(str)
+    candidates = np.arange(reference.n_obs) if rows is None else rows
+    labels = reference.obs[perturbation_key].iloc[candidates].astype(str)
     keep = (labels != control_value).to_numpy()
     if train_perturbations is not None:
         keep &= labels.isin([str(t) for t in train_perturbations]).to_numpy()
     if not keep.any():
         raise ValueError("centroid_reference has no perturbed cells to form the centroid.")
-    kept = np.flatnonzero(keep)
+    kept = candidates[keep]
     ref_obs = reference.obs.iloc[kept][columns].copy()
     ref_obs[perturbation_key] = [
         "+".join(_REFERENCE_PREFIX + m for m in label.split("+"))
