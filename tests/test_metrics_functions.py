@@ -201,7 +201,7 @@ def test_log_normalise_by_hand(sparse):
 def test_log_normalise_in_blocks_of_rows(layout, monkeypatch):
     from perturbx.metrics import _pseudobulk
 
-    monkeypatch.setattr(_pseudobulk, "_ROWS_PER_BLOCK", 4)  # blocks cut the 11 cells
+    monkeypatch.setattr(_pseudobulk, "CELLS_PER_BLOCK", 4)  # blocks cut the 11 cells
     counts = np.random.default_rng(0).poisson(1.5, (11, 6))
     counts[3] = 0  # an empty cell stays zero
     expected = np.log1p(

@@ -224,8 +224,7 @@ class PredictionMixin:
         obs = pd.concat(
             [self._target_obs(plan, t) for t in range(len(plan.target_rows))], ignore_index=True
         )
-        smiles_column = self._smiles_column
-        obs = self._annotate_new_molecules(obs, plan.targets, smiles_column)
+        obs = self._annotate_new_molecules(obs, plan.targets, self._smiles_column)
         obs.index = [f"pred_{i}" for i in range(len(obs))]
         for key in obs.columns:
             if obs[key].dtype == object:

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from perturbx.metrics._pseudobulk import (
+    CELLS_PER_BLOCK,
     get_expression,
     group_sums,
     log_normalise,
@@ -24,7 +25,6 @@ from perturbx.metrics._pseudobulk import (
 )
 
 _REFERENCE_PREFIX = "reference::"
-_CELLS_PER_BLOCK = 8192  # cells read and log-normalised at a time for centroid means
 
 
 @dataclass
@@ -106,8 +106,8 @@ class RealCells:
         of cells per group."""
         sums = np.zeros((n_groups, len(genes)))
         n_cells = np.zeros(n_groups, dtype=np.int64)
-        for start in range(0, len(cells), _CELLS_PER_BLOCK):
-            block = slice(start, start + _CELLS_PER_BLOCK)
+        for start in range(0, len(cells), CELLS_PER_BLOCK):
+            block = slice(start, start + CELLS_PER_BLOCK)
             values, _ = log_normalise(self.take(cells[block], genes), counts=counts,
                                       target_sum=target_sum)
             block_sums, block_cells = group_sums(values, codes[block], n_groups)

@@ -19,7 +19,9 @@ from anndata import AnnData
 from perturbx.data._parsing import format_condition, parse_condition_columns
 
 DEFAULT_TARGET_SUM = 1e4
-_ROWS_PER_BLOCK = 8192  # log_normalise works on this many cells at a time
+#: Cells processed at a time where a whole matrix is not needed (log-normalisation,
+#: centroid means), bounding the memory of each step.
+CELLS_PER_BLOCK = 8192
 
 #: Columns of the table returned by :func:`condition_table` besides the covariates.
 CONDITION_COLUMNS = ("condition", "perturbation", "dose", "is_control")
@@ -104,8 +106,8 @@ def log_normalise(
     else:
         matrix = np.asarray(matrix)
         out = np.empty(matrix.shape, dtype=dtype)
-    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
-        rows = slice(start, start + _ROWS_PER_BLOCK)
+    for start in range(0, matrix.shape[0], CELLS_PER_BLOCK):
+        rows = slice(start, start + CELLS_PER_BLOCK)
         if sp.issparse(matrix):
             entries = slice(out.indptr[rows.start], out.indptr[min(rows.stop, out.shape[0])])
             scaled = out.data[entries] * np.repeat(scale[rows], entries_per_row[rows])
