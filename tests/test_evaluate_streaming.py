@@ -6,6 +6,7 @@ holding those cells.
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import numpy as np
@@ -122,3 +123,22 @@ def test_evaluate_does_not_hold_the_predicted_cells():
         tracemalloc.stop()
     assert (result.per_condition["n_obs_pred"] == n_cells).all()
     assert peak < cells_bytes / 4, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_progress_bar_only_for_work_that_lasts(capsys, monkeypatch):
+    model, adata = _trained("nb")
+    held = _held_out(adata)
+    predicted_condition_means([model], held, n_cells_per_target=20, seed=0)
+    assert "Predicting conditions" not in capsys.readouterr().err
+
+    batches = model._predicted_batches
+
+    def slow_batches(*args, **kwargs):
+        for batch in batches(*args, **kwargs):
+            time.sleep(0.7)
+            yield batch
+
+    monkeypatch.setattr(model, "_predicted_batches", slow_batches)
+    # 4 conditions x 20 cells in batches of 20: 4 batches, 2.8 s in all
+    predicted_condition_means([model], held, n_cells_per_target=20, seed=0, batch_size=20)
+    assert "Predicting conditions" in capsys.readouterr().err

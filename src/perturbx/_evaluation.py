@@ -78,8 +78,9 @@ def predicted_condition_means(
         strict=True,
     )
     offset = 0
+    # delay: no bar for work that ends within seconds (it would only clutter notebooks).
     with tqdm(total=int(n_cells.sum()), desc="Predicting conditions", unit="cells",
-              disable=len(n_cells) < 2) as progress:
+              disable=len(n_cells) < 2, delay=2.0) as progress:
         for batches in members:
             target = batches[0][0]
             values = [v for _, v in batches]
