@@ -19,10 +19,11 @@ Each seed draws a new split (simulator: a new screen too) and trains the models 
 seed. Methods, side by side on the same held-out conditions:
 
 - ``PerturbX``: drug embeddings from the Morgan fingerprint (genes: learned embeddings).
-- ``PerturbX (ensemble of K)`` (``--ensemble K``, drug screens): a
-  :class:`perturbx.PerturbXEnsemble` of K PerturbX models trained with seeds ``seed,
-  seed + 1000, ...`` (the first is ``PerturbX``); each predicted cell is sampled from one
-  member in turn, so a condition's prediction is the mixture of the K models'.
+- ``PerturbX (ensemble of K)`` and ``PerturbX (linear shift head, ridge for unseen; ensemble
+  of K)`` (``--ensemble K``, drug screens): a :class:`perturbx.PerturbXEnsemble` of K models
+  of that variant trained with seeds ``seed, seed + 1000, ...`` (the first is the single
+  model's); each predicted cell is sampled from one member in turn, so a condition's
+  prediction is the mixture of the K models'.
 - ``PerturbX (linear shift head, ridge for unseen)`` (``--linear-head``, drug screens):
   ``PerturbX(linear_shift_head=True, unseen_molecules="ridge")``, the perturbation shift
   decoded linearly and held-out drugs embedded by ridge regressions from the fingerprint
@@ -148,6 +149,13 @@ def fresh_simulator_truth(args, seed, test):
 
 
 # ------------------------------------------------------------------------------- methods
+def ensemble_name(variant: str, n_models: int) -> str:
+    """Method label of an ensemble of ``n_models`` models of ``variant``."""
+    if variant.endswith(")"):  # "PerturbX (linear shift head, ...)" -> "...; ensemble of K)"
+        return f"{variant[:-1]}; ensemble of {n_models})"
+    return f"{variant} (ensemble of {n_models})"
+
+
 def train_model(adata, setup, model_kwargs, args, seed):
     """Train a PerturbX on the split's training cells; the model and its training seconds."""
     import scvi
@@ -217,19 +225,20 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
         pred = predict_held_out(models[name], variant_setup, args, seed, test)
         pred.obs["method"] = name
         predictions.append(pred)
-    if args.ensemble > 1 and PERTURBX in models:
+    for name in [n for n in (PERTURBX, LINEAR_HEAD) if n in models and args.ensemble > 1]:
         from perturbx import PerturbXEnsemble
 
-        members = [models[PERTURBX]]
+        members = [models[name]]
         for k in range(1, args.ensemble):
             member, member_seconds = train_model(
-                adata, variants[PERTURBX], model_kwargs, args, seed + 1000 * k
+                adata, variants[name], {**model_kwargs, **variant_kwargs.get(name, {})}, args,
+                seed + 1000 * k,
             )
             members.append(member)
-            seconds[PERTURBX] += member_seconds
+            seconds[name] += member_seconds
         ensemble = PerturbXEnsemble.from_models(members, seed=seed)
-        pred = predict_held_out(ensemble, variants[PERTURBX], args, seed, test)
-        pred.obs["method"] = f"{PERTURBX} (ensemble of {args.ensemble})"
+        pred = predict_held_out(ensemble, variants[name], args, seed, test)
+        pred.obs["method"] = ensemble_name(name, args.ensemble)
         predictions.append(pred)
 
     targets = predictions[0].obs[[pkey, dkey, *ckeys]].drop_duplicates()
@@ -350,7 +359,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--ensemble", type=int, default=1,
-        help="also score an ensemble of this many PerturbX models (drug screens; 1: none)",
+        help="also score ensembles of this many models of each fingerprint variant (drug "
+             "screens; 1: none)",
     )
     parser.add_argument(
         "--n-source-cells", type=int, default=3000,

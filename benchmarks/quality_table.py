@@ -12,6 +12,9 @@ and the share of held-out conditions (× seeds) on which PerturbX's weighted MSE
 ``--by-dose``: instead, one row per dataset × dose with each method's median weighted MSE
 and weighted R² of deltas vs the centroid (drug screens; where the drugs barely act, every
 method's deviation from the centroid is noise).
+``--paired A B``: instead, method A against method B condition by condition: both medians,
+the mean difference, the shares of conditions where A is better and where they tie, and
+the p-value of the Wilcoxon signed-rank test (ties dropped), per dataset × metric.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 import pandas as pd
+from scipy.stats import wilcoxon
 
 ORDER = ["PerturbX", "PerturbX (learned only)", "linear", "perturbed_centroid", "control_mean",
          "interpolated_duplicate"]
@@ -36,6 +40,7 @@ def ordered(methods) -> list[str]:
     return [m for m in ORDER[:1] + variants + ORDER[1:] if m in present]
 
 
+LOWER_IS_BETTER = {"weighted_mse"}
 METRICS = ["weighted_mse", "weighted_r2_delta_centroid", "pearson_delta_centroid_top20",
            "centroid_accuracy"]
 
@@ -87,6 +92,26 @@ def dose_rows(prefix: str) -> list[str]:
     return out
 
 
+def paired_rows(prefix: str, first: str, second: str) -> list[str]:
+    """Markdown rows comparing methods ``first`` and ``second`` on the same conditions."""
+    per_condition = pd.read_csv(f"{prefix}.csv")
+    out = []
+    for dataset, part in per_condition.groupby("dataset", sort=False):
+        for metric in METRICS:
+            wide = part.pivot_table(index=["seed", "condition"], columns="method", values=metric)
+            both = wide[[first, second]].dropna()
+            difference = both[first] - both[second]
+            better = -difference if metric in LOWER_IS_BETTER else difference
+            p_value = wilcoxon(difference).pvalue if (difference != 0).any() else float("nan")
+            out.append(
+                f"| {dataset} | {metric} | {both[first].median():.3f} | "
+                f"{both[second].median():.3f} | {difference.mean():+.4f} | "
+                f"{(better > 0).mean():.0%} | {(better == 0).mean():.0%} | {p_value:.3g} | "
+                f"{len(both)} |"
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -94,7 +119,17 @@ def main() -> None:
     parser.add_argument("prefixes", nargs="+", help="--out prefixes of bench_quality.py")
     parser.add_argument("--by-dose", action="store_true",
                         help="weighted MSE / weighted R² per dose instead")
+    parser.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                        help="method A against method B, condition by condition, instead")
     args = parser.parse_args()
+    if args.paired:
+        first, second = args.paired
+        print(f"| dataset | metric | median {first} | median {second} | mean difference | "
+              "A better | tie | Wilcoxon p | conditions |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for prefix in args.prefixes:
+            print("\n".join(paired_rows(prefix, first, second)))
+        return
     if args.by_dose:
         for prefix in args.prefixes:
             print("\n".join(dose_rows(prefix)))
