@@ -225,7 +225,8 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
         pred = predict_held_out(models[name], variant_setup, args, seed, test)
         pred.obs["method"] = name
         predictions.append(pred)
-    for name in [n for n in (PERTURBX, LINEAR_HEAD) if n in models and args.ensemble > 1]:
+    ensembled = [n for n in (PERTURBX, LINEAR_HEAD) if n in models] if args.ensemble > 1 else []
+    for name in ensembled:
         from perturbx import PerturbXEnsemble
 
         members = [models[name]]
