@@ -178,7 +178,7 @@ class EvaluationMixin:
         """Score the output of :func:`predicted_condition_means` as :meth:`evaluate` does."""
         from perturbx.metrics import score
         from perturbx.metrics._cells import CellSubset
-        from perturbx.metrics._pseudobulk import condition_table
+        from perturbx.metrics._pseudobulk import USED_AS_GIVEN, condition_table
 
         pred.obs["method"] = method_name
         state = self._perturbation_state
@@ -213,7 +213,7 @@ class EvaluationMixin:
         per_condition.loc[ours, "n_obs_pred"] = per_condition.loc[ours, "condition"].map(cells_of)
         predicted = "samples" if self.module.likelihood in COUNT_LIKELIHOODS else "means"
         result.normalisation = result.normalisation.replace(
-            "pred: used as given (not raw counts; assumed already log-normalised)",
+            f"pred: {USED_AS_GIVEN}",
             f"pred: per-condition means of the predicted cells ({predicted}) after the same "
             "normalisation",
         )

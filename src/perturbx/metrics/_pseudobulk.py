@@ -22,6 +22,8 @@ DEFAULT_TARGET_SUM = 1e4
 #: Cells processed at a time where a whole matrix is not needed (log-normalisation,
 #: centroid means), bounding the memory of each step.
 CELLS_PER_BLOCK = 8192
+#: :func:`log_normalise`'s note for expression that is not counts.
+USED_AS_GIVEN = "used as given (not raw counts; assumed already log-normalised)"
 
 #: Columns of the table returned by :func:`condition_table` besides the covariates.
 CONDITION_COLUMNS = ("condition", "perturbation", "dose", "is_control")
@@ -90,7 +92,7 @@ def log_normalise(
         out = sp.csr_matrix(matrix, dtype=dtype) if sp.issparse(matrix) else np.asarray(
             matrix, dtype=dtype
         )
-        return out, "used as given (not raw counts; assumed already log-normalised)"
+        return out, USED_AS_GIVEN
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
     if values.size and np.nanmin(values) < 0:
         raise ValueError("counts=True but the expression matrix has negative values.")
