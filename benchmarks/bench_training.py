@@ -6,15 +6,20 @@ Usage::
     python benchmarks/bench_training.py --batch-sizes 128 256 512 1024 --json out.json
     python benchmarks/bench_training.py --repeats 5       # median and range of 5 runs
     python benchmarks/bench_training.py --precision bf16-mixed   # bfloat16 autocast
+    python benchmarks/bench_training.py --n-drugs 2000    # a large compound library
 
 Throughput on a shared VM varies by up to ±20% from run to run, so compare medians of
 several runs (``--repeats``), not single runs. Peak RSS is the process's maximum so far, so
 with ``--repeats`` it covers all runs (models of earlier runs are not all returned to the OS).
 
 The data is a simulated NB drug screen (``perturbx.data.simulate_drug_screen``), stored as a
-sparse CSR matrix. Throughput counts training cells processed per second of ``Trainer.fit``
-over the timed epochs (the first epoch is a warm-up and not timed). GFLOP/s is estimated from
-the dense layers' multiply-adds (forward + backward ≈ 3× forward) and compared with the
+sparse CSR matrix, with the simulator's first 20 built-in drugs unless ``--n-drugs`` asks for
+more: then the first ``--n-drugs`` valid structures of the LINCS SMILES table
+(``lincs_drugs_smiles.csv`` via ``perturbx.datasets.fetch_file``: ``PERTURBX_DATA_DIR`` or a
+download), to show how a step's cost grows with the compound library. Throughput counts
+training cells processed per second of ``Trainer.fit`` over the timed epochs (the first epoch
+is a warm-up and not timed). GFLOP/s is estimated from the dense layers' multiply-adds
+(forward + backward ≈ 3× forward) and compared with the
 machine's dense float32 matmul rate measured here.
 """
 
@@ -26,6 +31,7 @@ import resource
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -78,6 +84,22 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def compound_library(n_drugs: int) -> pd.DataFrame:
+    """The first ``n_drugs`` LINCS compounds whose SMILES RDKit parses (name, smiles)."""
+    from rdkit import Chem, rdBase
+
+    from perturbx.datasets import fetch_file
+
+    table = pd.read_csv(fetch_file("lincs_drugs_smiles.csv"), header=None,
+                        names=["name", "smiles"], dtype=str, skipinitialspace=True).dropna()
+    with rdBase.BlockLogs():
+        valid = table[[Chem.MolFromSmiles(s) is not None for s in table["smiles"]]]
+    valid = valid.drop_duplicates("smiles")
+    if len(valid) < n_drugs:
+        raise ValueError(f"--n-drugs {n_drugs}: the LINCS table has {len(valid)} valid SMILES.")
+    return valid.iloc[:n_drugs].reset_index(drop=True)
+
+
 def run(
     n_cells: int,
     n_genes: int,
@@ -86,10 +108,14 @@ def run(
     arch: dict,
     seed: int = 0,
     precision: str = "32",
+    n_drugs: int = 20,
 ):
     import perturbx
 
-    adata = perturbx.data.simulate_drug_screen(n_cells=n_cells, n_genes=n_genes, seed=seed)
+    smiles = compound_library(n_drugs) if n_drugs > 20 else None
+    adata = perturbx.data.simulate_drug_screen(
+        n_cells=n_cells, n_genes=n_genes, n_drugs=n_drugs, smiles=smiles, seed=seed
+    )
     perturbx.PerturbX.setup_anndata(
         adata,
         perturbation_key="drug",
@@ -122,6 +148,8 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=20_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--n-drugs", type=int, default=20,
+                        help="compound library size (above 20: LINCS structures)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
     parser.add_argument("--repeats", type=int, default=1,
                         help="train this many times per batch size; report median and range")
@@ -147,7 +175,7 @@ def main() -> None:
     for batch_size in args.batch_sizes:
         runs = [
             run(args.n_cells, args.n_genes, batch_size, args.epochs, arch,
-                precision=args.precision)
+                precision=args.precision, n_drugs=args.n_drugs)
             for _ in range(args.repeats)
         ]
         speeds = [cells_per_s for cells_per_s, _ in runs]
@@ -158,6 +186,7 @@ def main() -> None:
             {
                 "n_cells": args.n_cells,
                 "n_genes": args.n_genes,
+                "n_drugs": args.n_drugs,
                 "batch_size": batch_size,
                 "precision": args.precision,
                 "cells_per_s": round(median),

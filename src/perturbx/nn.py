@@ -266,32 +266,47 @@ class DoseResponse(nn.Module):
 
     def parameters_for(self, index: torch.Tensor, extra_fingerprints: torch.Tensor | None = None):
         """Per-slot dose-response parameters, ``index.shape + (n_params,)``."""
+        # Compute each distinct index of the batch once: running the amortiser over the whole
+        # vocabulary on every step would make a step's cost grow with the compound library.
+        unique, inverse = torch.unique(index, return_inverse=True)
         n_vocab = self.n_vocab
-        table = self.params
-        extra = index > n_vocab
-        if self.amortizer is not None:
-            rows = torch.nonzero(self.has_structure).squeeze(-1) + 1
+        extra = unique > n_vocab
+        table = self._vocabulary_parameters(unique.clamp(max=n_vocab))
+        if extra.any():
+            ridge = _active(self.unseen_ridge, self.training)
+            if ridge is not None and extra_fingerprints is not None:
+                query = ridge(extra_fingerprints[unique[extra] - n_vocab - 1])
+            elif self.amortizer is not None and extra_fingerprints is not None:
+                query = self.amortizer(extra_fingerprints[unique[extra] - n_vocab - 1])
+                query = query + self._offset()
+            else:
+                # No structure to go on: the mean over the vocabulary's molecules.
+                molecules = torch.arange(1, n_vocab + 1, device=index.device)
+                if self.has_structure.any():
+                    molecules = molecules[self.has_structure]
+                query = self._vocabulary_parameters(molecules).mean(0, keepdim=True)
             table = table.clone()
-            amortized = self.amortizer(self.fingerprints[rows - 1]) + self._offset()
-            table[rows] = amortized.to(table.dtype)
+            table[extra] = query.to(table.dtype)
+        return table[inverse]
+
+    def _vocabulary_parameters(self, rows: torch.Tensor) -> torch.Tensor:
+        """Parameters ``(len(rows), n_params)`` of vocabulary rows ``0..P`` (0 = empty slot)."""
+        table = self.params[rows]
+        structured = torch.zeros_like(rows, dtype=torch.bool)
+        in_vocab = rows >= 1
+        structured[in_vocab] = self.has_structure[rows[in_vocab] - 1]
+        if self.amortizer is not None and structured.any():
+            table = table.clone()
+            amortized = self.amortizer(self.fingerprints[rows[structured] - 1]) + self._offset()
+            table[structured] = amortized.to(table.dtype)
         ridge = _active(self.unseen_ridge, self.training)
         if ridge is not None:
-            rows = torch.nonzero(self.has_structure & ridge.applies_to).squeeze(-1) + 1
-            table = table.clone()
-            table[rows] = ridge(self.fingerprints[rows - 1]).to(table.dtype)
-        out = table[index.clamp(max=n_vocab)]
-        if extra.any():
-            if ridge is not None and extra_fingerprints is not None:
-                query = ridge(extra_fingerprints).to(out.dtype)
-            elif self.amortizer is not None and extra_fingerprints is not None:
-                query = (self.amortizer(extra_fingerprints) + self._offset()).to(out.dtype)
-            else:
-                molecules = self.has_structure.nonzero().squeeze(-1) + 1
-                pool = table[molecules] if molecules.numel() else table[1:]
-                query = pool.mean(0, keepdim=True).expand(int(index.max()) - n_vocab, -1)
-            out = out.clone()
-            out[extra] = query[index[extra] - n_vocab - 1]
-        return out
+            replaced = structured.clone()
+            replaced[structured] = ridge.applies_to[rows[structured] - 1]
+            if replaced.any():
+                table = table.clone()
+                table[replaced] = ridge(self.fingerprints[rows[replaced] - 1]).to(table.dtype)
+        return table
 
     def _offset(self) -> torch.Tensor:
         # The amortiser predicts deviations from slope 1, offset 0.
