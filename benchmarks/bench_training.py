@@ -84,6 +84,10 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+#: Drugs of the default screen (the simulator's built-in library); more come from LINCS.
+DEFAULT_N_DRUGS = 20
+
+
 def compound_library(n_drugs: int) -> pd.DataFrame:
     """The first ``n_drugs`` LINCS compounds whose SMILES RDKit parses (name, smiles)."""
     from rdkit import Chem, rdBase
@@ -108,11 +112,11 @@ def run(
     arch: dict,
     seed: int = 0,
     precision: str = "32",
-    n_drugs: int = 20,
+    n_drugs: int = DEFAULT_N_DRUGS,
 ):
     import perturbx
 
-    smiles = compound_library(n_drugs) if n_drugs > 20 else None
+    smiles = compound_library(n_drugs) if n_drugs > DEFAULT_N_DRUGS else None
     adata = perturbx.data.simulate_drug_screen(
         n_cells=n_cells, n_genes=n_genes, n_drugs=n_drugs, smiles=smiles, seed=seed
     )
@@ -148,8 +152,8 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=20_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--n-drugs", type=int, default=20,
-                        help="compound library size (above 20: LINCS structures)")
+    parser.add_argument("--n-drugs", type=int, default=DEFAULT_N_DRUGS,
+                        help=f"compound library size (above {DEFAULT_N_DRUGS}: LINCS structures)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
     parser.add_argument("--repeats", type=int, default=1,
                         help="train this many times per batch size; report median and range")
