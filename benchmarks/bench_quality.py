@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -409,7 +410,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     per_condition.to_csv(f"{out}.csv", index=False)
     summary.to_csv(f"{out}_summary.csv", index=False)
-    command = " ".join(["python benchmarks/bench_quality.py", *sys.argv[1:]])
+    # Quoted as a shell would need it (JSON arguments contain spaces and quotes).
+    command = shlex.join(["python", "benchmarks/bench_quality.py", *sys.argv[1:]])
     header = (f"Command: `{command}`"
               f" (wall {wall / 60:.0f} min, {args.threads} thread(s)). Median [IQR] over "
               "held-out conditions × seeds; in brackets the median normalised score "
