@@ -19,7 +19,10 @@ replays them ``--rounds`` times through the two kinds of step of
 Printed: the median over rounds of each part's mean per step. Data loading and Lightning's
 per-batch work are not included (``bench_training.py`` measures the whole of ``Trainer.fit``).
 ``--compile``: also time the autoencoder step with its forward computation wrapped in
-``torch.compile`` (default options), against the eager one, alternating per round.
+``torch.compile`` (default options), against the eager one, alternating per round. Dynamo
+recompiles whenever a minibatch's number of distinct perturbations changes (the embedding
+tables' shapes) and stops recompiling at its limit, and the compiled backward of the tables'
+``index_put`` prints autograd warnings; the figures are still what the compiled step costs.
 """
 
 from __future__ import annotations
