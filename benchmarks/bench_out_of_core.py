@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_training import CPA_ARCHITECTURE
 
 WRITE_CHUNK = 10_000
 WARMUP_BATCHES = 20
@@ -192,7 +193,7 @@ def main() -> None:
     arch = (
         dict(n_latent=16, n_hidden=64, n_layers=1, adversary_hidden=16)
         if args.small_arch
-        else dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64)
+        else CPA_ARCHITECTURE
     )
     if args._child:
         result = run_mode(*args._child, args.batch_size, arch, args.threads)

@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_training import CPA_ARCHITECTURE
 
 HERE = Path(__file__).resolve().parent
-ARCH = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3)
 
 
 def child(n_cells: int, n_genes: int, epochs: int, batch_size: int, threads: int,
@@ -57,7 +57,7 @@ def child(n_cells: int, n_genes: int, epochs: int, batch_size: int, threads: int
     adata = screen(n_cells, n_genes)
     PerturbX.setup_anndata(adata, perturbation_key="drug", dose_key="dose",
                            smiles_key="smiles", covariate_keys=["cell_type"])
-    model = PerturbX(adata, **ARCH)
+    model = PerturbX(adata, **CPA_ARCHITECTURE)
     before = _status_kib("VmRSS") / 2**20
     reset_peak()
     timer = EpochTimer()

@@ -33,9 +33,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-
-ARCHITECTURE = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64,
-                    adversary_layers=3)
+from bench_training import CPA_ARCHITECTURE
 
 
 def build(n_cells: int, n_genes: int, batch_size: int, n_batches: int, seed: int = 0):
@@ -46,7 +44,7 @@ def build(n_cells: int, n_genes: int, batch_size: int, n_batches: int, seed: int
     adata = perturbx.data.simulate_drug_screen(n_cells=n_cells, n_genes=n_genes, seed=seed)
     perturbx.PerturbX.setup_anndata(adata, perturbation_key="drug", dose_key="dose",
                                     smiles_key="smiles", covariate_keys=["cell_type"])
-    model = perturbx.PerturbX(adata, **ARCHITECTURE)
+    model = perturbx.PerturbX(adata, **CPA_ARCHITECTURE)
     loader = model._make_data_loader(adata, batch_size=batch_size, shuffle=True)
     batches = [batch for _, batch in zip(range(n_batches), loader, strict=False)]
     module = model.module

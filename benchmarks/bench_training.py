@@ -84,6 +84,11 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+#: CPA's default architecture (cpa-tools 0.8.8): the set-up of the throughput target.
+CPA_ARCHITECTURE = dict(
+    n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3
+)
+
 #: Drugs of the default screen (the simulator's built-in library); more come from LINCS.
 DEFAULT_N_DRUGS = 20
 
@@ -168,8 +173,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    arch = dict(n_latent=128, n_hidden=256, n_layers=3, adversary_hidden=64, adversary_layers=3)
-    arch.update(args.model_kwargs)
+    arch = {**CPA_ARCHITECTURE, **args.model_kwargs}
     peak_matmul = matmul_gflops()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
