@@ -37,7 +37,8 @@ from bench_training import CPA_ARCHITECTURE
 
 
 def build(n_cells: int, n_genes: int, batch_size: int, n_batches: int, seed: int = 0):
-    """Module, optimisers and ``n_batches`` minibatches of the benchmark screen."""
+    """Training plan (with the default loss weights), its optimisers and ``n_batches``
+    minibatches of the benchmark screen."""
     import perturbx
     from perturbx.train import PerturbXTrainingPlan
 
@@ -47,10 +48,9 @@ def build(n_cells: int, n_genes: int, batch_size: int, n_batches: int, seed: int
     model = perturbx.PerturbX(adata, **CPA_ARCHITECTURE)
     loader = model._make_data_loader(adata, batch_size=batch_size, shuffle=True)
     batches = [batch for _, batch in zip(range(n_batches), loader, strict=False)]
-    module = model.module
-    module.train()
-    optimisers = PerturbXTrainingPlan(module).configure_optimizers()
-    return module, optimisers, batches
+    model.module.train()
+    plan = PerturbXTrainingPlan(model.module)
+    return plan, plan.configure_optimizers(), batches
 
 
 class Clock:
@@ -68,7 +68,7 @@ class Clock:
         self._last = now
 
 
-def autoencoder_forward(module, batch, adversary_weight: float = 100.0, clock=None):
+def autoencoder_forward(module, batch, adversary_weight: float, clock=None):
     """The autoencoder step's loss (reconstruction + KL − weight · adversary loss)."""
     inference = module.inference(**module._get_inference_input(batch))
     clock and clock.lap("inference")
@@ -81,13 +81,13 @@ def autoencoder_forward(module, batch, adversary_weight: float = 100.0, clock=No
     return loss - adversary_weight * adversary_loss
 
 
-def autoencoder_step(module, optimiser, batch, clock: Clock, compiled=None):
+def autoencoder_step(plan, optimiser, batch, clock: Clock, compiled=None):
     """One autoencoder step; ``compiled``: a compiled :func:`autoencoder_forward` to use."""
     clock.start()
     if compiled is None:
-        total = autoencoder_forward(module, batch, clock=clock)
+        total = autoencoder_forward(plan.module, batch, plan.adversary_weight, clock=clock)
     else:
-        total = compiled(module, batch)
+        total = compiled(plan.module, batch, plan.adversary_weight)
         clock.lap("forward (compiled)")
     optimiser.zero_grad()
     total.backward()
@@ -96,7 +96,9 @@ def autoencoder_step(module, optimiser, batch, clock: Clock, compiled=None):
     clock.lap("optimiser step")
 
 
-def adversary_step(module, optimiser, batch, clock: Clock):
+def adversary_step(plan, optimiser, batch, clock: Clock):
+    """One adversary step (cross-entropy + gradient penalty on the detached basal latent)."""
+    module = plan.module
     clock.start()
     with torch.no_grad():
         basal = module.inference(**module._get_inference_input(batch))["basal_latent"]
@@ -108,7 +110,7 @@ def adversary_step(module, optimiser, batch, clock: Clock):
     penalty = gradient.pow(2).sum(-1).mean()
     clock.lap("gradient penalty")
     optimiser.zero_grad()
-    (loss + penalty).backward()
+    (loss + plan.gradient_penalty * penalty).backward()
     clock.lap("backward")
     optimiser.step()
     clock.lap("optimiser step")
@@ -127,7 +129,7 @@ def main() -> None:
                         help="also time the autoencoder step with a compiled forward")
     args = parser.parse_args()
 
-    module, (autoencoder_opt, adversary_opt), batches = build(
+    plan, (autoencoder_opt, adversary_opt), batches = build(
         args.n_cells, args.n_genes, args.batch_size, args.n_batches
     )
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -136,7 +138,7 @@ def main() -> None:
     if args.compile:
         compiled = torch.compile(autoencoder_forward)
         start = time.perf_counter()
-        autoencoder_step(module, autoencoder_opt, batches[0], Clock(), compiled)
+        autoencoder_step(plan, autoencoder_opt, batches[0], Clock(), compiled)
         print(f"first compiled step (compilation): {time.perf_counter() - start:.1f} s")
         variants["compiled"] = compiled
     per_round: dict[str, list[float]] = defaultdict(list)
@@ -144,14 +146,14 @@ def main() -> None:
         for name, compiled_forward in variants.items():
             clock = Clock()
             for batch in batches:
-                autoencoder_step(module, autoencoder_opt, batch, clock, compiled_forward)
+                autoencoder_step(plan, autoencoder_opt, batch, clock, compiled_forward)
             for part, seconds in clock.totals.items():
                 per_round[f"{name} autoencoder step: {part}"].append(seconds / len(batches))
             per_round[f"{name} autoencoder step: total"].append(
                 sum(clock.totals.values()) / len(batches))
         clock = Clock()
         for batch in batches:
-            adversary_step(module, adversary_opt, batch, clock)
+            adversary_step(plan, adversary_opt, batch, clock)
         for part, seconds in clock.totals.items():
             per_round[f"adversary step: {part}"].append(seconds / len(batches))
         per_round["adversary step: total"].append(sum(clock.totals.values()) / len(batches))
