@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_nb_likelihood.py                 # 128 x 2,000, three densities
     python benchmarks/bench_nb_likelihood.py --batch-size 1024 --repeats 50
 
-Compares :func:`perturbx.module.negative_binomial_log_likelihood` (hand-written forward and
+Compares :func:`perturbx.likelihood.negative_binomial_log_likelihood` (hand-written forward and
 backward, gamma-function terms looked up in per-gene count tables) with autograd through
 ``scvi.distributions.NegativeBinomial(mu, theta).log_prob(x).sum(-1)``, on minibatches of the
 simulated screen's counts (30% non-zero) and of the same counts binomially thinned to lower
@@ -35,7 +35,7 @@ def main() -> None:
     from scvi.distributions import NegativeBinomial
 
     import perturbx
-    from perturbx.module import negative_binomial_log_likelihood
+    from perturbx.likelihood import negative_binomial_log_likelihood
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter

@@ -371,7 +371,7 @@ def test_negative_binomial_log_likelihood_matches_scvi_and_autograd(mean_count):
     (0..32), above them and non-integer, sparse and dense."""
     from scvi.distributions import NegativeBinomial
 
-    from perturbx.module import _GAMMA_TABLE_MAX_COUNT, negative_binomial_log_likelihood
+    from perturbx.likelihood import _GAMMA_TABLE_MAX_COUNT, negative_binomial_log_likelihood
 
     rng = np.random.default_rng(0)
     counts = rng.poisson(mean_count, size=(6, 9)).astype(np.float64)
