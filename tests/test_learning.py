@@ -5,8 +5,10 @@ are used for evaluation); slow-ish (~30 s on 2 cores) but the core claim of the 
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 import scvi
+import torch
 
 from perturbx import PerturbX
 from perturbx.data import simulate_drug_screen, true_expected_counts, true_log_fold_change
@@ -80,18 +82,56 @@ def test_learned_dispersion_reaches_the_simulated_one(screen):
     assert 0.6 < np.median(learned / true) < 1.5
 
 
-def test_adversaries_push_accuracy_to_chance(screen):
+def _post_hoc_accuracy(latent, adata, model, key: str) -> tuple[float, float]:
+    """Validation accuracy of a logistic regression fitted on the training cells' ``latent``
+    to predict ``obs[key]``, and chance (the most common validation label's frequency)."""
+    from sklearn.linear_model import LogisticRegression
+
+    label = adata.obs[key].astype(str).to_numpy()
+    train = np.zeros(adata.n_obs, bool)
+    train[model.train_indices] = True
+    validation = np.zeros(adata.n_obs, bool)
+    validation[model.validation_indices] = True
+    classifier = LogisticRegression(max_iter=2000).fit(latent[train], label[train])
+    chance = pd.Series(label[validation]).value_counts(normalize=True).max()
+    return classifier.score(latent[validation], label[validation]), chance
+
+
+def _sampled_basal_latent(model, adata) -> np.ndarray:
+    """Basal latents sampled from q(z_b | x), as the decoder receives them in training."""
+    module = model.module
+    module.train()
+    try:
+        with torch.no_grad():
+            x = torch.as_tensor(adata.X.toarray(), dtype=torch.float32)
+            return module.inference(x)["basal_latent"].numpy()
+    finally:
+        module.eval()
+
+
+@pytest.mark.parametrize("key", ["drug", "cell_type"])
+def test_sampled_basal_latent_does_not_reveal_drug_or_cell_type(screen, key):
+    # A classifier fitted after training (not the adversary, whose accuracy during training
+    # oscillates as encoder and adversary chase each other) on what the decoder receives.
     model, adata = screen
-    history = model.history
-    train = adata.obs.iloc[model.train_indices]
-    chance_drug = train["drug"].value_counts(normalize=True).max()
-    chance_cell_type = train["cell_type"].value_counts(normalize=True).max()
-    final_drug = float(history["adversary_accuracy_perturbation_validation"].iloc[-1, 0])
-    final_cell_type = float(history["adversary_accuracy_cell_type_validation"].iloc[-1, 0])
-    # Chance is guessing the most common label; a basal latent that kept the information
-    # would let the adversary reach far above it (the perturbation has 19 classes).
-    assert final_drug < chance_drug + 0.1
-    assert abs(final_cell_type - chance_cell_type) < 0.15
+    accuracy, chance = _post_hoc_accuracy(_sampled_basal_latent(model, adata), adata, model, key)
+    assert accuracy < chance + 0.1, (accuracy, chance)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Known limitation (README, 'The basal latent'): the posterior mean keeps drug and "
+    "cell-type information that a linear classifier reads (validation accuracy 1.0 for the "
+    "cell type, 0.44 for the drug against chance 0.54 / 0.17); the adversaries, trained on "
+    "sampled latents, hide it only under the sampling noise.",
+)
+@pytest.mark.parametrize("key", ["drug", "cell_type"])
+def test_posterior_mean_does_not_reveal_drug_or_cell_type(screen, key):
+    model, adata = screen
+    accuracy, chance = _post_hoc_accuracy(
+        model.get_latent_representation(), adata, model, key
+    )
+    assert accuracy < chance + 0.1, (accuracy, chance)
 
 
 def test_evaluate_separates_model_from_mean_baseline(screen):

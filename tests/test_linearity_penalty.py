@@ -39,7 +39,7 @@ def _penalty(model: PerturbX, seed: int = 0) -> float:
 def test_penalty_vanishes_for_a_decoder_affine_in_the_latent(likelihood):
     model = _model(likelihood)
     assert _penalty(model) > 1e-4  # the default decoder (ReLU layers) is not linear
-    hidden = model.module.decoder_body.fc_layers[0][0].out_features
+    hidden = model.module.decoder_body[0].out_features
     model.module.decoder_body = torch.nn.Linear(model.module.n_latent, hidden)
     assert _penalty(model) < 1e-8
 

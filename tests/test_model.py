@@ -393,3 +393,42 @@ def test_negative_binomial_log_likelihood_matches_scvi_and_autograd(mean_count):
         lambda rate, theta: negative_binomial_log_likelihood(x, rate, theta),
         (log_rate, log_theta),
     )
+
+
+def test_adversary_losses_leave_out_rows_without_a_label():
+    import torch.nn.functional as F
+    from scvi import REGISTRY_KEYS
+
+    from perturbx.data._fields import NO_LABEL, PERTURBATIONS_KEY
+
+    adata = toy_screen()
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH)
+    module = model.module
+    batch = next(iter(model._make_data_loader(adata, batch_size=64)))
+    batch[PERTURBATIONS_KEY] = batch[PERTURBATIONS_KEY].clone()
+    batch[PERTURBATIONS_KEY][::3, 0] = NO_LABEL
+    batch[REGISTRY_KEYS.CAT_COVS_KEY] = torch.full_like(batch[REGISTRY_KEYS.CAT_COVS_KEY], NO_LABEL)
+    basal = torch.randn(64, SMALL_ARCH["n_latent"], generator=torch.Generator().manual_seed(0))
+    loss, accuracy = module.adversary_losses(basal, batch)
+
+    target = batch[PERTURBATIONS_KEY][:, 0].long()
+    valid = target != NO_LABEL
+    logits = module.perturbation_adversary(basal)[valid]
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target[valid]))
+    want = (logits.argmax(-1) == target[valid]).float().mean()
+    torch.testing.assert_close(accuracy["perturbation"], want)
+    assert set(accuracy) == {"perturbation"}  # no cell-type labels: that adversary is skipped
+
+
+def test_zero_layers_give_a_linear_decoder_and_negative_ones_are_refused():
+    adata = toy_screen()
+    setup_toy(adata)
+    model = PerturbX(adata, **{**SMALL_ARCH, "n_layers": 0})
+    assert len(model.module.decoder_body) == 0
+    assert model.module.scale_head.in_features == SMALL_ARCH["n_latent"]
+    model.train(max_epochs=1, max_steps=2, batch_size=64, enable_progress_bar=False,
+                check_val_every_n_epoch=None)
+    assert model.get_latent_representation().shape == (adata.n_obs, SMALL_ARCH["n_latent"])
+    with pytest.raises(ValueError, match="n_layers=-1"):
+        PerturbX(adata, **{**SMALL_ARCH, "n_layers": -1})

@@ -114,6 +114,8 @@ class PerturbXModule(BaseModuleClass):
         unseen_molecules: UnseenMolecules = "encoder",
     ):
         super().__init__()
+        if n_layers < 0:
+            raise ValueError(f"n_layers={n_layers!r} must be >= 0.")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}.")
         if unseen_molecules not in UNSEEN_MOLECULES:
@@ -137,12 +139,13 @@ class PerturbXModule(BaseModuleClass):
             n_genes, n_latent * (2 if variational else 1), n_hidden, n_layers, dropout_rate
         )
         self.decoder_body = hidden_layers(n_latent, n_hidden, n_layers, dropout_rate)
+        decoder_width = n_hidden if n_layers else n_latent  # n_layers=0: a linear decoder
         if likelihood in COUNT_LIKELIHOODS:
-            self.scale_head = nn.Linear(n_hidden, n_genes)
+            self.scale_head = nn.Linear(decoder_width, n_genes)
             self.log_dispersion = nn.Parameter(torch.zeros(n_genes))
-            self.dropout_head = nn.Linear(n_hidden, n_genes) if likelihood == "zinb" else None
+            self.dropout_head = nn.Linear(decoder_width, n_genes) if likelihood == "zinb" else None
         else:
-            self.mean_head = nn.Linear(n_hidden, n_genes)
+            self.mean_head = nn.Linear(decoder_width, n_genes)
             # Gene-wise variance, like the NB's gene-wise dispersion: a per-cell variance head
             # learned to mark the (mostly zero) entries with tiny variances and left the mean
             # flat across cells on log-normalised sparse data.
@@ -395,12 +398,14 @@ class PerturbXModule(BaseModuleClass):
         total = basal_latent.new_zeros(())
         accuracy = {}
         for name, adversary, target in targets:
-            logits = adversary(basal_latent)
             valid = target != NO_LABEL
-            if not valid.any():
+            n_valid = valid.sum()
+            if not n_valid:
                 continue
-            total = total + F.cross_entropy(logits[valid], target[valid])
-            accuracy[name] = (logits[valid].argmax(-1) == target[valid]).float().mean()
+            logits = adversary(basal_latent)
+            # ignore_index instead of selecting the labelled rows: no copies, same mean.
+            total = total + F.cross_entropy(logits, target, ignore_index=NO_LABEL)
+            accuracy[name] = ((logits.argmax(-1) == target) & valid).sum() / n_valid
         return total, accuracy
 
     def loss(

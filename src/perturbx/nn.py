@@ -10,7 +10,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scvi.nn import FCLayers
 from sklearn.linear_model import Ridge
 from torch import nn
 
@@ -26,17 +25,24 @@ _MLP_CODE_SIZE = 4  # per-perturbation code fed to the shared dose-response MLP
 RIDGE_PENALTY: float = 1e-3
 
 
-def hidden_layers(n_in: int, n_hidden: int, n_layers: int, dropout_rate: float = 0.0) -> FCLayers:
-    """``n_layers`` layers Linear → LayerNorm → ReLU → Dropout, ending at ``n_hidden`` units."""
-    return FCLayers(
-        n_in,
-        n_hidden,
-        n_layers=n_layers,
-        n_hidden=n_hidden,
-        dropout_rate=dropout_rate,
-        use_batch_norm=False,
-        use_layer_norm=True,
-    )
+def hidden_layers(
+    n_in: int, n_hidden: int, n_layers: int, dropout_rate: float = 0.0
+) -> nn.Sequential:
+    """``n_layers`` layers Linear → LayerNorm → ReLU (→ Dropout), ending at ``n_hidden`` units.
+
+    The layers of scvi's ``FCLayers(use_layer_norm=True, use_batch_norm=False)``, without its
+    covariate injection, whose concatenation copies every layer's input on every call.
+    """
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers += [
+            nn.Linear(n_in if i == 0 else n_hidden, n_hidden),
+            nn.LayerNorm(n_hidden, elementwise_affine=False),
+            nn.ReLU(),
+        ]
+        if dropout_rate > 0:
+            layers.append(nn.Dropout(dropout_rate))
+    return nn.Sequential(*layers)
 
 
 def mlp(
@@ -120,6 +126,34 @@ def _active(ridge: FingerprintRidge | None, training: bool) -> FingerprintRidge 
     return ridge
 
 
+def _structures(
+    unique: torch.Tensor,
+    fingerprints: torch.Tensor,
+    has_structure: torch.Tensor,
+    extra_fingerprints: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fingerprints of distinct indices ``(U,)`` (``0`` empty, ``1..P`` vocabulary, ``P+1..``
+    rows of ``extra_fingerprints``).
+
+    Returns ``(fingerprints (U, F), structured (U,), in_vocabulary (U,), vocabulary_row (U,))``:
+    ``structured`` marks the vocabulary molecules and the query rows (when
+    ``extra_fingerprints`` is given), the entries the fingerprint networks embed; the other
+    rows hold an arbitrary vocabulary fingerprint, to be masked out by the caller.
+    ``vocabulary_row`` is the row of ``fingerprints`` (clamped to the vocabulary).
+    """
+    n_vocab = fingerprints.shape[0]
+    vocabulary_row = (unique - 1).clamp(0, n_vocab - 1)
+    in_vocabulary = (unique >= 1) & (unique <= n_vocab)
+    fps = fingerprints[vocabulary_row]
+    structured = has_structure[vocabulary_row] & in_vocabulary
+    if extra_fingerprints is not None and len(extra_fingerprints):
+        extra = unique > n_vocab
+        query = extra_fingerprints[(unique - n_vocab - 1).clamp(0, len(extra_fingerprints) - 1)]
+        fps = torch.where(extra.unsqueeze(-1), query.to(fps.dtype), fps)
+        structured = structured | extra
+    return fps, structured, in_vocabulary, vocabulary_row
+
+
 class PerturbationEmbedding(nn.Module):
     """Latent vectors of the perturbation vocabulary.
 
@@ -187,32 +221,28 @@ class PerturbationEmbedding(nn.Module):
         """
         unique, inverse = torch.unique(index, return_inverse=True)
         # Embed each distinct perturbation of the batch once, then broadcast to cells.
-        table = self.token_embedding(unique.clamp(max=self.n_vocab)).clone()
-        vocab_rows = (unique >= 1) & (unique <= self.n_vocab)
-        structured = torch.zeros_like(unique, dtype=torch.bool)
-        structured[vocab_rows] = self.has_structure[unique[vocab_rows] - 1]
-        extra = unique > self.n_vocab
-        if structured.any() or extra.any():
+        table = self.token_embedding(unique.clamp(max=self.n_vocab))
+        fps, structured, in_vocabulary, row = _structures(
+            unique, self.fingerprints, self.has_structure, extra_fingerprints
+        )
+        if bool((unique > self.n_vocab).any()):
             if self.drug_encoder is None:
                 raise ValueError("This model has no drug encoder (it was set up without SMILES).")
-            fps = []
-            if structured.any():
-                fps.append(self.fingerprints[unique[structured] - 1])
-            if extra.any():
-                fps.append(extra_fingerprints[unique[extra] - self.n_vocab - 1])
-            fps = torch.cat(fps)
+            if extra_fingerprints is None or not len(extra_fingerprints):
+                raise IndexError(
+                    f"Perturbation indices above the vocabulary ({self.n_vocab}) need "
+                    "extra_fingerprints."
+                )
+        if self.drug_encoder is not None:
+            # Every distinct entry goes through the encoder and the table keeps the structured
+            # ones: cheaper than selecting rows, which would copy at every step.
             # Under autocast (bf16-mixed) the encoder's output is bf16; the table is float32.
             encoded = self.drug_encoder(fps).to(table.dtype)
-            n_structured = int(structured.sum())
             ridge = _active(self.unseen_ridge, self.training)
             if ridge is not None:
-                unseen = torch.cat([
-                    ridge.applies_to[unique[structured] - 1],
-                    torch.ones(len(fps) - n_structured, dtype=torch.bool, device=fps.device),
-                ])
-                encoded[unseen] = ridge(fps[unseen]).to(table.dtype)
-            table[structured] = encoded[:n_structured]
-            table[extra] = encoded[n_structured:]
+                by_ridge = (ridge.applies_to[row] & in_vocabulary) | (structured & ~in_vocabulary)
+                encoded = torch.where(by_ridge.unsqueeze(-1), ridge(fps).to(table.dtype), encoded)
+            table = torch.where(structured.unsqueeze(-1), encoded, table)
         table = table * (unique != 0).unsqueeze(-1)
         return table[inverse]
 
@@ -269,43 +299,35 @@ class DoseResponse(nn.Module):
         # Compute each distinct index of the batch once: running the amortiser over the whole
         # vocabulary on every step would make a step's cost grow with the compound library.
         unique, inverse = torch.unique(index, return_inverse=True)
-        n_vocab = self.n_vocab
-        extra = unique > n_vocab
-        table = self._vocabulary_parameters(unique.clamp(max=n_vocab))
-        if extra.any():
-            ridge = _active(self.unseen_ridge, self.training)
-            if ridge is not None and extra_fingerprints is not None:
-                query = ridge(extra_fingerprints[unique[extra] - n_vocab - 1])
-            elif self.amortizer is not None and extra_fingerprints is not None:
-                query = self.amortizer(extra_fingerprints[unique[extra] - n_vocab - 1])
-                query = query + self._offset()
-            else:
-                # No structure to go on: the mean over the vocabulary's molecules.
-                molecules = torch.arange(1, n_vocab + 1, device=index.device)
-                if self.has_structure.any():
-                    molecules = molecules[self.has_structure]
-                query = self._vocabulary_parameters(molecules).mean(0, keepdim=True)
-            table = table.clone()
-            table[extra] = query.to(table.dtype)
-        return table[inverse]
+        return self._distinct_parameters(unique, extra_fingerprints)[inverse]
 
-    def _vocabulary_parameters(self, rows: torch.Tensor) -> torch.Tensor:
-        """Parameters ``(len(rows), n_params)`` of vocabulary rows ``0..P`` (0 = empty slot)."""
-        table = self.params[rows]
-        structured = torch.zeros_like(rows, dtype=torch.bool)
-        in_vocab = rows >= 1
-        structured[in_vocab] = self.has_structure[rows[in_vocab] - 1]
-        if self.amortizer is not None and structured.any():
-            table = table.clone()
-            amortized = self.amortizer(self.fingerprints[rows[structured] - 1]) + self._offset()
-            table[structured] = amortized.to(table.dtype)
+    def _distinct_parameters(
+        self, unique: torch.Tensor, extra_fingerprints: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Parameters ``(U, n_params)`` of distinct indices (0 = empty slot)."""
+        table = self.params[unique.clamp(max=self.n_vocab)]
+        fps, structured, in_vocabulary, row = _structures(
+            unique, self.fingerprints, self.has_structure, extra_fingerprints
+        )
+        query = structured & ~in_vocabulary
+        if self.amortizer is not None:
+            amortized = (self.amortizer(fps) + self._offset()).to(table.dtype)
+            table = torch.where(structured.unsqueeze(-1), amortized, table)
         ridge = _active(self.unseen_ridge, self.training)
         if ridge is not None:
-            replaced = structured.clone()
-            replaced[structured] = ridge.applies_to[rows[structured] - 1]
-            if replaced.any():
-                table = table.clone()
-                table[replaced] = ridge(self.fingerprints[rows[replaced] - 1]).to(table.dtype)
+            by_ridge = (ridge.applies_to[row] & structured) | query
+            table = torch.where(by_ridge.unsqueeze(-1), ridge(fps).to(table.dtype), table)
+        # Molecules outside the vocabulary with nothing to go on (no fingerprint, or neither
+        # amortiser nor ridge): the mean over the vocabulary's molecules.
+        unknown = unique > self.n_vocab
+        if self.amortizer is not None or ridge is not None:
+            unknown = unknown & ~query
+        if bool(unknown.any()):
+            molecules = torch.arange(1, self.n_vocab + 1, device=unique.device)
+            if self.has_structure.any():
+                molecules = molecules[self.has_structure]
+            mean = self._distinct_parameters(molecules).mean(0)
+            table = torch.where(unknown.unsqueeze(-1), mean.to(table.dtype), table)
         return table
 
     def _offset(self) -> torch.Tensor:
