@@ -218,6 +218,13 @@ class PerturbationEmbedding(nn.Module):
         Returns
         -------
         ``index.shape + (L,)`` embeddings.
+
+        Raises
+        ------
+        ValueError
+            For indices above ``P`` in a model without a drug encoder.
+        IndexError
+            For indices above ``P`` without ``extra_fingerprints``.
         """
         unique, inverse = torch.unique(index, return_inverse=True)
         # Embed each distinct perturbation of the batch once, then broadcast to cells.
