@@ -69,16 +69,16 @@ class Clock:
 
 
 def autoencoder_forward(module, batch, adversary_weight: float, clock=None):
-    """The autoencoder step's loss (reconstruction + KL − weight · adversary loss)."""
+    """The autoencoder step's loss (reconstruction + KL + weight · adversary confusion)."""
     inference = module.inference(**module._get_inference_input(batch))
     clock and clock.lap("inference")
     generative = module.generative(**module._get_generative_input(batch, inference))
     clock and clock.lap("generative")
     loss = module.loss(batch, inference, generative).loss
     clock and clock.lap("loss")
-    adversary_loss, _ = module.adversary_losses(inference["basal_latent"], batch)
+    confusion = module.adversary_losses(module.adversary_latent(inference), batch).confusion
     clock and clock.lap("adversary losses")
-    return loss - adversary_weight * adversary_loss
+    return loss + adversary_weight * confusion
 
 
 def autoencoder_step(plan, optimiser, batch, clock: Clock, compiled=None):
@@ -101,10 +101,11 @@ def adversary_step(plan, optimiser, batch, clock: Clock):
     module = plan.module
     clock.start()
     with torch.no_grad():
-        basal = module.inference(**module._get_inference_input(batch))["basal_latent"]
+        inference = module.inference(**module._get_inference_input(batch))
+        basal = module.adversary_latent(inference)
     clock.lap("inference (no grad)")
     basal.requires_grad_(True)
-    loss, _ = module.adversary_losses(basal, batch)
+    loss = module.adversary_losses(basal, batch).cross_entropy
     clock.lap("adversary losses")
     (gradient,) = torch.autograd.grad(loss, basal, create_graph=True)
     penalty = gradient.pow(2).sum(-1).mean()

@@ -97,8 +97,13 @@ def paired_rows(prefix: str, first: str, second: str) -> list[str]:
     per_condition = pd.read_csv(f"{prefix}.csv")
     out = []
     for dataset, part in per_condition.groupby("dataset", sort=False):
+        if not {first, second} <= set(part["method"]):
+            continue  # e.g. Norman has no fingerprint variants
         for metric in METRICS:
             wide = part.pivot_table(index=["seed", "condition"], columns="method", values=metric)
+            if not {first, second} <= set(wide.columns):  # a metric undefined for a method
+                out.append(f"| {dataset} | {metric} | — | — | — | — | — | — | 0 |")
+                continue
             both = wide[[first, second]].dropna()
             difference = both[first] - both[second]
             better = -difference if metric in LOWER_IS_BETTER else difference

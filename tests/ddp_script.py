@@ -143,8 +143,11 @@ def main(out_dir: Path) -> None:
     adversary_losses = type(module).adversary_losses
 
     def nan_on_rank1(self, basal, tensors):
-        loss, accuracy = adversary_losses(self, basal, tensors)
-        return (loss * float("nan") if rank == 1 else loss), accuracy
+        losses = adversary_losses(self, basal, tensors)
+        nan = float("nan") if rank == 1 else 1.0
+        return losses._replace(
+            cross_entropy=losses.cross_entropy * nan, confusion=losses.confusion * nan
+        )
 
     module.adversary_losses = types.MethodType(nan_on_rank1, module)
     try:

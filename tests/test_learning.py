@@ -118,18 +118,25 @@ def test_sampled_basal_latent_does_not_reveal_drug_or_cell_type(screen, key):
     assert accuracy < chance + 0.1, (accuracy, chance)
 
 
+def test_posterior_mean_does_not_reveal_the_drug(screen):
+    # What get_latent_representation() returns. The adversaries are trained on it, and the
+    # autoencoder minimises their confusion; with samples and −cross-entropy instead, a
+    # linear classifier read the drug at 0.44 against chance 0.17.
+    model, adata = screen
+    accuracy, chance = _post_hoc_accuracy(model.get_latent_representation(), adata, model, "drug")
+    assert accuracy < chance + 0.1, (accuracy, chance)
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="Known limitation (README, 'The basal latent'): the posterior mean keeps drug and "
-    "cell-type information that a linear classifier reads (validation accuracy 1.0 for the "
-    "cell type, 0.44 for the drug against chance 0.54 / 0.17); the adversaries, trained on "
-    "sampled latents, hide it only under the sampling noise.",
+    reason="Known limitation (README, 'The basal latent'): the posterior mean keeps the cell "
+    "type, which a linear classifier reads at 0.98-0.99 validation accuracy against chance "
+    "0.54, although the adversary on the same mean stays at chance during training.",
 )
-@pytest.mark.parametrize("key", ["drug", "cell_type"])
-def test_posterior_mean_does_not_reveal_drug_or_cell_type(screen, key):
+def test_posterior_mean_does_not_reveal_the_cell_type(screen):
     model, adata = screen
     accuracy, chance = _post_hoc_accuracy(
-        model.get_latent_representation(), adata, model, key
+        model.get_latent_representation(), adata, model, "cell_type"
     )
     assert accuracy < chance + 0.1, (accuracy, chance)
 

@@ -28,11 +28,15 @@ def test_history_logs_loss_components(trained):
         "reconstruction_loss_train",
         "reconstruction_loss_validation",
         "adversary_loss_train",
+        "adversary_confusion_train",
+        "adversary_confusion_validation",
         "adversary_accuracy_perturbation_train",
         "adversary_accuracy_cell_type_train",
     ):
         assert key in model.history, key
         assert len(model.history[key]) == 2
+    # A KL divergence: never negative.
+    assert (model.history["adversary_confusion_train"].to_numpy(dtype=float) >= 0).all()
 
 
 def test_latent_shapes(trained):
@@ -410,15 +414,68 @@ def test_adversary_losses_leave_out_rows_without_a_label():
     batch[PERTURBATIONS_KEY][::3, 0] = NO_LABEL
     batch[REGISTRY_KEYS.CAT_COVS_KEY] = torch.full_like(batch[REGISTRY_KEYS.CAT_COVS_KEY], NO_LABEL)
     basal = torch.randn(64, SMALL_ARCH["n_latent"], generator=torch.Generator().manual_seed(0))
-    loss, accuracy = module.adversary_losses(basal, batch)
+    losses = module.adversary_losses(basal, batch)
 
     target = batch[PERTURBATIONS_KEY][:, 0].long()
     valid = target != NO_LABEL
     logits = module.perturbation_adversary(basal)[valid]
-    torch.testing.assert_close(loss, F.cross_entropy(logits, target[valid]))
+    torch.testing.assert_close(losses.cross_entropy, F.cross_entropy(logits, target[valid]))
     want = (logits.argmax(-1) == target[valid]).float().mean()
-    torch.testing.assert_close(accuracy["perturbation"], want)
-    assert set(accuracy) == {"perturbation"}  # no cell-type labels: that adversary is skipped
+    torch.testing.assert_close(losses.accuracy["perturbation"], want)
+    # no cell-type labels: that adversary is skipped
+    assert set(losses.accuracy) == {"perturbation"}
+    # Confusion, by hand: KL from the labelled cells' label frequencies to each cell's
+    # predicted distribution, averaged over the labelled cells.
+    labels, counts = np.unique(target[valid].numpy(), return_counts=True)
+    frequency = counts / counts.sum()
+    log_p = torch.log_softmax(logits.double(), -1).detach().numpy()
+    kl = [np.sum(frequency * (np.log(frequency) - row[labels])) for row in log_p]
+    np.testing.assert_allclose(losses.confusion.item(), np.mean(kl), rtol=1e-5)
+
+
+def test_adversary_confusion_is_zero_when_the_adversaries_predict_the_label_mix():
+    from scvi import REGISTRY_KEYS
+
+    from perturbx.data._fields import PERTURBATIONS_KEY
+
+    adata = toy_screen()
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH)
+    module = model.module
+    batch = next(iter(model._make_data_loader(adata, batch_size=64)))
+    labels = [batch[PERTURBATIONS_KEY][:, 0].long()]
+    covariates = batch[REGISTRY_KEYS.CAT_COVS_KEY].long()
+    labels += [covariates[:, i] for i in range(len(module.covariate_names))]
+    adversaries = [module.perturbation_adversary, *module.covariate_adversaries]
+    assert len(adversaries) == 2
+    for adversary, label in zip(adversaries, labels, strict=True):
+        frequency = torch.bincount(label, minlength=adversary.n_classes) / len(label)
+        final = adversary.net[-1]
+        with torch.no_grad():  # ignore the input, predict the minibatch's label mix
+            final.weight.zero_()
+            final.bias.copy_(torch.log(frequency.clamp_min(1e-30)))
+    basal = torch.randn(64, SMALL_ARCH["n_latent"])
+    assert abs(module.adversary_losses(basal, batch).confusion.item()) < 1e-6
+    with torch.no_grad():  # any other prediction is penalised
+        adversaries[1].net[-1].bias.add_(torch.tensor([0.5, -0.5]))
+    assert module.adversary_losses(basal, batch).confusion.item() > 0.01
+
+
+@pytest.mark.parametrize("variational", [True, False])
+def test_adversaries_see_the_posterior_mean_not_a_sample(variational):
+    adata = toy_screen()
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH, variational=variational)
+    module = model.module
+    batch = next(iter(model._make_data_loader(adata, batch_size=64)))
+    module.train()  # training mode: the basal latent is a sample
+    outputs = module.inference(**module._get_inference_input(batch))
+    seen = module.adversary_latent(outputs)
+    if variational:
+        torch.testing.assert_close(seen, outputs["qz"].loc)
+        assert not torch.allclose(seen, outputs["basal_latent"])
+    else:
+        assert seen is outputs["basal_latent"]
 
 
 def test_zero_layers_give_a_linear_decoder_and_negative_ones_are_refused():

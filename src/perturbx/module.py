@@ -5,12 +5,13 @@ generative: z = z_b + Σ_k dose_response(d_k) · embed(p_k) + Σ_c embed_c(covar
             z ──decoder──► p(x | z)   (NB / ZINB for counts, Gaussian for log-normalised data)
             (linear_shift_head: the decoder's hidden layers see z_b + Σ_c embed_c only, and
             the perturbation shift is added to its output through a linear map)
-loss:       −log p(x | z) (+ KL if variational); adversaries are scored on z_b
+loss:       −log p(x | z) (+ KL if variational); adversaries are scored on z_b's
+            posterior mean (cross-entropy for them, confusion for the autoencoder)
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,14 @@ UNSEEN_MOLECULES: tuple[str, ...] = ("encoder", "ridge")
 LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "gaussian")
 COUNT_LIKELIHOODS: tuple[str, ...] = ("nb", "zinb")
 _MIN_VARIANCE = 1e-4
+
+
+class AdversaryLosses(NamedTuple):
+    """Output of :meth:`PerturbXModule.adversary_losses`."""
+
+    cross_entropy: torch.Tensor
+    confusion: torch.Tensor
+    accuracy: dict[str, torch.Tensor]
 
 
 def split_perturbations(packed: torch.Tensor):
@@ -383,19 +392,37 @@ class PerturbXModule(BaseModuleClass):
         return residual.pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------------------- loss
-    def adversary_losses(
-        self, basal_latent: torch.Tensor, tensors: dict
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Cross-entropy of all adversaries on ``basal_latent`` and their accuracies.
+    def adversary_latent(self, inference_outputs: dict) -> torch.Tensor:
+        """What the adversaries see: the basal latent's posterior mean ``(B, L)``.
 
-        Returns the summed loss (a scalar) and a dict of per-adversary accuracies.
+        Not a sample: the information the encoder leaves in the mean can sit below the
+        sampling noise, where adversaries trained on samples miss it, while
+        :meth:`~perturbx.PerturbX.get_latent_representation` returns the mean. With
+        ``variational=False`` the mean is the basal latent.
+        """
+        qz = inference_outputs["qz"]
+        return inference_outputs["basal_latent"] if qz is None else qz.loc
+
+    def adversary_losses(self, basal_latent: torch.Tensor, tensors: dict) -> AdversaryLosses:
+        """The adversaries' cross-entropy and confusion on ``basal_latent`` ``(B, L)``.
+
+        Cells whose label is missing (``NO_LABEL``) are left out of an adversary's terms.
+
+        Returns
+        -------
+        :class:`AdversaryLosses`: ``cross_entropy`` (summed over adversaries, the
+        adversaries' objective), ``confusion`` (summed over adversaries, the autoencoder's:
+        the mean KL divergence from the minibatch's label frequencies to an adversary's
+        predicted distribution, zero when it predicts the label mix for every cell, i.e.
+        cannot tell the cells apart) and ``accuracy`` per adversary.
         """
         label, _, _ = split_perturbations(tensors[PERTURBATIONS_KEY])
         targets = [("perturbation", self.perturbation_adversary, label)]
         covariates = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
         for i, adversary in enumerate(self.covariate_adversaries):
             targets.append((self.covariate_names[i], adversary, covariates[:, i].long()))
-        total = basal_latent.new_zeros(())
+        cross_entropy = basal_latent.new_zeros(())
+        confusion = basal_latent.new_zeros(())
         accuracy = {}
         for name, adversary, target in targets:
             valid = target != NO_LABEL
@@ -403,10 +430,16 @@ class PerturbXModule(BaseModuleClass):
             if not n_valid:
                 continue
             logits = adversary(basal_latent)
+            log_p = F.log_softmax(logits, dim=-1)
             # ignore_index instead of selecting the labelled rows: no copies, same mean.
-            total = total + F.cross_entropy(logits, target, ignore_index=NO_LABEL)
+            cross_entropy = cross_entropy + F.nll_loss(log_p, target, ignore_index=NO_LABEL)
+            frequency = torch.bincount(target[valid], minlength=logits.shape[-1])
+            frequency = frequency.to(log_p.dtype) / n_valid
+            # KL(frequency || p) = Σ_c f_c (log f_c − log p_c), with 0 · log 0 = 0.
+            kl = (torch.xlogy(frequency, frequency) - frequency * log_p).sum(-1)
+            confusion = confusion + (kl * valid).sum() / n_valid
             accuracy[name] = ((logits.argmax(-1) == target) & valid).sum() / n_valid
-        return total, accuracy
+        return AdversaryLosses(cross_entropy, confusion, accuracy)
 
     def loss(
         self,

@@ -123,9 +123,15 @@ class PerturbXTrainingPlan(TrainingPlan):
     """Optimises a :class:`~perturbx.module.PerturbXModule` with adversarial disentanglement.
 
     Minibatches alternate between two kinds of step. One in every ``adversary_every``
-    batches trains the adversaries on the (detached) basal latent, minimising
+    batches trains the adversaries on the (detached) basal latent's posterior mean
+    (:meth:`~perturbx.module.PerturbXModule.adversary_latent`), minimising
     ``cross-entropy + gradient_penalty · ‖∂ cross-entropy / ∂ basal‖²``; the other batches
-    train the autoencoder, minimising ``reconstruction (+ KL) − λ · adversary cross-entropy``.
+    train the autoencoder, minimising ``reconstruction (+ KL) + λ · adversary confusion``
+    (the KL divergence from the minibatch's label frequencies to the adversaries'
+    predictions, :meth:`~perturbx.module.PerturbXModule.adversary_losses`). Confusion, not
+    ``− λ · cross-entropy``: maximising the adversaries' cross-entropy rewards making them
+    confidently wrong, which keeps the information with the labels swapped, and the
+    adversaries' accuracy then swings between 0 and chance from epoch to epoch.
     ``λ`` ramps linearly from 0 to ``adversary_weight`` over ``n_epochs_adversary_warmup``
     epochs so that the autoencoder first learns to reconstruct. Autoencoder, dose response
     and adversaries have separate learning rates (autoencoder and dose response share one Adam
@@ -137,8 +143,9 @@ class PerturbXTrainingPlan(TrainingPlan):
     log-normalised means too low.
 
     Logged once per epoch (``model.history``): ``reconstruction_loss_{train,validation}``,
-    ``elbo_*``, ``adversary_loss_*``, ``adversary_accuracy_<label>_*`` (on the basal latent;
-    chance level is the frequency of the most common label), ``adversary_lambda``, and
+    ``elbo_*``, ``adversary_loss_*`` (cross-entropy), ``adversary_confusion_*``,
+    ``adversary_accuracy_<label>_*`` (on the basal latent's posterior mean; chance level is
+    the frequency of the most common label), ``adversary_lambda``, and
     ``linearity_penalty_train`` when that penalty is on.
 
     Several processes (DDP, :func:`resolve_ddp_strategy`): every process sees as many
@@ -279,16 +286,17 @@ class PerturbXTrainingPlan(TrainingPlan):
             )
         self._sums[mode] = {}
 
-    def _metrics(self, loss_output, adversary_loss, accuracy) -> dict[str, torch.Tensor]:
+    def _metrics(self, loss_output, adversary) -> dict[str, torch.Tensor]:
         reconstruction = loss_output.reconstruction_loss_sum / loss_output.n_obs_minibatch
         kl = loss_output.kl_local_sum / loss_output.n_obs_minibatch
         metrics = {
             "reconstruction_loss": reconstruction,
             "kl_local": kl,
             "elbo": reconstruction + kl,
-            "adversary_loss": adversary_loss,
+            "adversary_loss": adversary.cross_entropy,
+            "adversary_confusion": adversary.confusion,
         }
-        metrics.update({f"adversary_accuracy_{k}": v for k, v in accuracy.items()})
+        metrics.update({f"adversary_accuracy_{k}": v for k, v in adversary.accuracy.items()})
         return metrics
 
     def training_step(self, batch, batch_idx):
@@ -304,10 +312,13 @@ class PerturbXTrainingPlan(TrainingPlan):
         inference_outputs, generative_outputs, loss_output = self.forward(
             batch, loss_kwargs=self.loss_kwargs
         )
-        basal = inference_outputs["basal_latent"]
-        adversary_loss, accuracy = self.module.adversary_losses(basal, batch)
-        self._check_finite(reconstruction_loss=loss_output.loss, adversary_loss=adversary_loss)
-        total = loss_output.loss - self.adversary_lambda * adversary_loss
+        adversary = self.module.adversary_losses(
+            self.module.adversary_latent(inference_outputs), batch
+        )
+        self._check_finite(
+            reconstruction_loss=loss_output.loss, adversary_confusion=adversary.confusion
+        )
+        total = loss_output.loss + self.adversary_lambda * adversary.confusion
         extra = {}
         if self.linearity_penalty > 0:
             extra["linearity_penalty"] = self.module.embedding_linearity_penalty(
@@ -322,9 +333,9 @@ class PerturbXTrainingPlan(TrainingPlan):
         autoencoder_opt.step()
         self._accumulate(
             "train",
-            basal.shape[0],
+            loss_output.n_obs_minibatch,
             loss=total,
-            **self._metrics(loss_output, adversary_loss, accuracy),
+            **self._metrics(loss_output, adversary),
             **extra,
         )
         return total.detach()
@@ -332,9 +343,10 @@ class PerturbXTrainingPlan(TrainingPlan):
     def _adversary_step(self, batch, adversary_opt) -> torch.Tensor:
         with torch.no_grad():
             inference_inputs = self.module._get_inference_input(batch)
-            basal = self.module.inference(**inference_inputs)["basal_latent"]
+            inference_outputs = self.module.inference(**inference_inputs)
+            basal = self.module.adversary_latent(inference_outputs)
         basal.requires_grad_(True)
-        loss, _ = self.module.adversary_losses(basal, batch)
+        loss = self.module.adversary_losses(basal, batch).cross_entropy
         self._check_finite(adversary_loss=loss)
         (grad,) = torch.autograd.grad(loss, basal, create_graph=True)
         penalty = grad.pow(2).sum(-1).mean()
@@ -361,11 +373,12 @@ class PerturbXTrainingPlan(TrainingPlan):
     def validation_step(self, batch, batch_idx):
         """Reconstruction and adversary metrics on validation cells."""
         inference_outputs, _, loss_output = self.forward(batch, loss_kwargs=self.loss_kwargs)
-        adversary_loss, accuracy = self.module.adversary_losses(
-            inference_outputs["basal_latent"], batch
+        adversary = self.module.adversary_losses(
+            self.module.adversary_latent(inference_outputs), batch
         )
-        n = inference_outputs["basal_latent"].shape[0]
-        self._accumulate("validation", n, **self._metrics(loss_output, adversary_loss, accuracy))
+        self._accumulate(
+            "validation", loss_output.n_obs_minibatch, **self._metrics(loss_output, adversary)
+        )
 
     def on_validation_epoch_end(self):
         """Log the epoch means of the validation metrics."""

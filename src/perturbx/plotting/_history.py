@@ -23,6 +23,7 @@ _TITLES = {
     "elbo": "ELBO (reconstruction + KL)",
     "loss": "total autoencoder loss",
     "adversary_loss": "adversary loss (cross-entropy)",
+    "adversary_confusion": "adversary confusion (autoencoder's term)",
     _ACCURACY: "adversary accuracy on the basal latent",
     "adversary_lambda": "adversarial weight λ",
 }
