@@ -399,17 +399,21 @@ def test_negative_binomial_log_likelihood_matches_scvi_and_autograd(mean_count):
     )
 
 
+def _module_and_batch(**kwargs):
+    """An untrained toy model's module and one 64-cell minibatch of its data."""
+    adata = toy_screen()
+    setup_toy(adata)
+    model = PerturbX(adata, **SMALL_ARCH, **kwargs)
+    return model.module, next(iter(model._make_data_loader(adata, batch_size=64)))
+
+
 def test_adversary_losses_leave_out_rows_without_a_label():
     import torch.nn.functional as F
     from scvi import REGISTRY_KEYS
 
     from perturbx.data._fields import NO_LABEL, PERTURBATIONS_KEY
 
-    adata = toy_screen()
-    setup_toy(adata)
-    model = PerturbX(adata, **SMALL_ARCH)
-    module = model.module
-    batch = next(iter(model._make_data_loader(adata, batch_size=64)))
+    module, batch = _module_and_batch()
     batch[PERTURBATIONS_KEY] = batch[PERTURBATIONS_KEY].clone()
     batch[PERTURBATIONS_KEY][::3, 0] = NO_LABEL
     batch[REGISTRY_KEYS.CAT_COVS_KEY] = torch.full_like(batch[REGISTRY_KEYS.CAT_COVS_KEY], NO_LABEL)
@@ -438,11 +442,7 @@ def test_adversary_confusion_is_zero_when_the_adversaries_predict_the_label_mix(
 
     from perturbx.data._fields import PERTURBATIONS_KEY
 
-    adata = toy_screen()
-    setup_toy(adata)
-    model = PerturbX(adata, **SMALL_ARCH)
-    module = model.module
-    batch = next(iter(model._make_data_loader(adata, batch_size=64)))
+    module, batch = _module_and_batch()
     labels = [batch[PERTURBATIONS_KEY][:, 0].long()]
     covariates = batch[REGISTRY_KEYS.CAT_COVS_KEY].long()
     labels += [covariates[:, i] for i in range(len(module.covariate_names))]
@@ -463,11 +463,7 @@ def test_adversary_confusion_is_zero_when_the_adversaries_predict_the_label_mix(
 
 @pytest.mark.parametrize("variational", [True, False])
 def test_adversaries_see_the_posterior_mean_not_a_sample(variational):
-    adata = toy_screen()
-    setup_toy(adata)
-    model = PerturbX(adata, **SMALL_ARCH, variational=variational)
-    module = model.module
-    batch = next(iter(model._make_data_loader(adata, batch_size=64)))
+    module, batch = _module_and_batch(variational=variational)
     module.train()  # training mode: the basal latent is a sample
     outputs = module.inference(**module._get_inference_input(batch))
     seen = module.adversary_latent(outputs)
