@@ -133,7 +133,10 @@ def _reverse_genes(adata):
 
 
 def _drop_column(column):
-    return lambda adata: adata.obs.drop(columns=column, inplace=True)
+    def drop(adata):
+        del adata.obs[column]
+
+    return drop
 
 
 CASES = {

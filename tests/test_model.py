@@ -73,6 +73,36 @@ def test_predict_returns_annotated_anndata(trained):
     assert np.all(np.asarray(pred.X) >= 0)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        # pandas 3 reads text columns as its ``str`` dtype, whose missing value is NaN
+        pd.DataFrame({"drug": pd.array(["aspirin", "caffeine"], dtype="string")}),
+        pd.DataFrame({"drug": ["aspirin", "caffeine"], "cell_type": [np.nan, "b"]}),
+        pd.DataFrame({"drug": ["aspirin", "caffeine"],
+                      "cell_type": pd.array([pd.NA, "b"], dtype="string")}),
+        [{"drug": "aspirin"}, {"drug": "caffeine", "cell_type": "b"}],
+    ],
+    ids=["string dtype, no covariate", "NaN covariate", "pd.NA covariate", "dicts"],
+)
+def test_target_without_covariate_keeps_the_source_cells_covariate(trained, target):
+    model, adata = trained
+    pred = model.predict(target=target, n_cells_per_target=30, seed=0)
+    aspirin = (pred.obs["drug"] == "aspirin").to_numpy()
+    sources = pred.obs["source_cell"].astype(str).to_numpy()
+    # each predicted cell keeps its source cell's own cell type, which both types supply
+    np.testing.assert_array_equal(
+        pred.obs["cell_type"].astype(str).to_numpy()[aspirin],
+        adata.obs.loc[sources[aspirin], "cell_type"].astype(str).to_numpy(),
+    )
+    assert set(pred.obs.loc[aspirin, "cell_type"]) == {"a", "b"}
+    caffeine_types = {"a", "b"} if "cell_type" not in pd.DataFrame(list(target) if isinstance(
+        target, list) else target).columns else {"b"}
+    assert set(pred.obs.loc[~aspirin, "cell_type"]) == caffeine_types
+    assert isinstance(pred.obs["drug"].dtype, pd.CategoricalDtype)
+    assert isinstance(pred.obs["cell_type"].dtype, pd.CategoricalDtype)
+
+
 def test_predict_differs_by_dose_and_order_pairing(trained):
     model, _ = trained
     kw = dict(n_cells_per_target=30, seed=1)

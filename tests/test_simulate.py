@@ -161,7 +161,7 @@ def test_true_condition_means(small):
         table.loc["control_0_cell_type_1"], np.exp(truth["baseline_log_mean"][1])
     )
     normalised = true_condition_means(small, normalize_to=1e4)
-    np.testing.assert_allclose(normalised.sum(1), 1e4)
+    np.testing.assert_allclose(normalised.sum(axis=1), 1e4)
 
 
 def test_empirical_lfc_matches_truth_and_increases_with_dose():

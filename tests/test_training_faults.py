@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import copy
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from _toy import SMALL_ARCH, setup_toy, toy_screen
 from perturbx import PerturbX
+from perturbx._model_files import from_plain, to_plain
 from perturbx.train import NonFiniteLossError
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
@@ -184,8 +186,9 @@ def test_scvi_save_checkpoint_callback_writes_a_loadable_model(tmp_path):
     model = _model()
     callback = SaveCheckpoint(dirpath=str(tmp_path), monitor="elbo_validation")
     model.train(max_epochs=2, batch_size=64, seed=0, callbacks=[callback], **QUIET)
-    saved = [p for p in tmp_path.iterdir() if (p / "model.pt").exists()]
+    saved = [p for p in tmp_path.iterdir() if (p / "model.json").exists()]
     assert len(saved) == 1
+    assert not (saved[0] / "model.pt").exists()  # the callback writes the safe format
     loaded = PerturbX.load(saved[0], adata=model.adata)
     prediction = loaded.predict(target="aspirin", n_cells_per_target=5)
     assert np.isfinite(np.asarray(prediction.X)).all()
@@ -226,12 +229,13 @@ def test_round_trip_keeps_split_registry_and_predictions(saved):
 
 def _edit_saved_registry(path, target, edit):
     """Copy a saved model with its perturbation registry edited (an "older version")."""
-    saved = torch.load(path / "model.pt", weights_only=False)
-    saved = copy.deepcopy(saved)
-    registry = saved["attr_dict"]["registry_"]
-    edit(registry["field_registries"]["perturbations"]["state_registry"])
+    document = json.loads((path / "model.json").read_text())
+    attributes = from_plain(document["attributes"])
+    edit(attributes["registry_"]["field_registries"]["perturbations"]["state_registry"])
+    document["attributes"] = to_plain(attributes)
     target.mkdir()
-    torch.save(saved, target / "model.pt")
+    (target / "model.json").write_text(json.dumps(document))
+    shutil.copy(path / "model.safetensors", target / "model.safetensors")
     return target
 
 

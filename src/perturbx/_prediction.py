@@ -226,8 +226,8 @@ class PredictionMixin:
         )
         obs = self._annotate_new_molecules(obs, plan.targets, self._smiles_column)
         obs.index = [f"pred_{i}" for i in range(len(obs))]
-        for key in obs.columns:
-            if obs[key].dtype == object:
+        for key in obs.columns:  # text columns (object, or pandas 3's str) as categories
+            if pd.api.types.is_object_dtype(obs[key]) or pd.api.types.is_string_dtype(obs[key]):
                 obs[key] = obs[key].astype(str).astype("category")
         result = AnnData(predicted, obs=obs, var=plan.adata.var[[]].copy())
         state = self._perturbation_state

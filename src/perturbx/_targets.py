@@ -26,7 +26,8 @@ class ResolvedTargets:
     Attributes
     ----------
     obs
-        One row per target: perturbation, dose, covariates (``NaN`` = from the source cell),
+        One row per target (object columns): perturbation, dose, covariates (``None`` = from
+        the source cell),
         ``smiles`` of new molecules, and a ``condition`` label.
     index
         ``(T, K)`` int64 vocabulary indices (0 = empty slot).
@@ -181,12 +182,14 @@ def resolve_targets(
     for t, (i, d) in enumerate(zip(indices, doses, strict=True)):
         index[t, : len(i)] = i
         dose[t, : len(d)] = d
-    obs = pd.DataFrame(rows)
+    # Object columns: a missing covariate stays ``None`` (pandas 3 would make it NaN in a
+    # string column), so "keep the source cell's value" reads the same on every pandas.
+    obs = pd.DataFrame(rows, dtype=object)
     codes = np.full((len(rows), len(covariate_categories)), KEEP_SOURCE, dtype=np.int64)
     for c, (key, categories) in enumerate(covariate_categories.items()):
         lookup = {str(v): j for j, v in enumerate(categories)}
         for t, value in enumerate(obs[key]):
-            if value is None:
+            if _missing(value):
                 continue
             if str(value) not in lookup:
                 raise ValueError(

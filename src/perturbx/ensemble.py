@@ -278,9 +278,14 @@ class PerturbXEnsemble:
         (dir_path / _MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: AnnData | None = None) -> PerturbXEnsemble:
+    def load(
+        cls, dir_path: str | Path, adata: AnnData | None = None, trust_pickle: bool = False
+    ) -> PerturbXEnsemble:
         """Load an ensemble written by :meth:`save` (``adata``: see
-        :meth:`perturbx.PerturbX.load`; if ``None``, the AnnData saved with the first member)."""
+        :meth:`perturbx.PerturbX.load`; if ``None``, the AnnData saved with the first member).
+
+        ``trust_pickle``: also read members saved by perturbx < 0.2, whose files are Python
+        pickles that can run code when read (see :meth:`perturbx.PerturbX.load`)."""
         dir_path = Path(dir_path)
         manifest_path = dir_path / _MANIFEST
         if not manifest_path.is_file():
@@ -288,9 +293,11 @@ class PerturbXEnsemble:
                 f"{dir_path} holds no {_MANIFEST}: not a folder written by PerturbXEnsemble.save."
             )
         manifest = json.loads(manifest_path.read_text())
-        first = PerturbX.load(str(dir_path / "member_0"), adata=adata)
+        first = PerturbX.load(str(dir_path / "member_0"), adata=adata, trust_pickle=trust_pickle)
         models = [first] + [
-            PerturbX.load(str(dir_path / f"member_{k}"), adata=first.adata)
+            PerturbX.load(
+                str(dir_path / f"member_{k}"), adata=first.adata, trust_pickle=trust_pickle
+            )
             for k in range(1, manifest["n_models"])
         ]
         return cls.from_models(models, seed=manifest["seed"])

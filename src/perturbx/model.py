@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
+import anndata
 import numpy as np
+import scvi
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
@@ -15,7 +20,9 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import CategoricalJointObsField, LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from perturbx import __version__ as perturbx_version
 from perturbx._evaluation import EvaluationMixin
+from perturbx._model_files import model_file_paths, read_model_files, write_model_files
 from perturbx._prediction import PredictionMixin
 from perturbx.chem import MorganFeaturizer, canonical_smiles
 from perturbx.data._backed import (
@@ -336,7 +343,8 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         ``model.trainer.save_checkpoint(path)`` and train a model of the same setup with
         ``ckpt_path=path`` and a larger ``max_epochs``. During training,
         ``callbacks=[scvi.train.SaveCheckpoint(dirpath, monitor="elbo_validation")]`` keeps
-        the best epoch as a model folder for :meth:`load`.
+        the best epoch as a model folder for :meth:`load` (written by :meth:`save`; its
+        ``load_best_on_end=True`` is not supported, as it reads scvi's pickle files).
 
         Faults. A NaN or infinite loss term stops training with
         :class:`perturbx.train.NonFiniteLossError` naming the term, epoch and step, before
@@ -429,9 +437,37 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         with unchanged_on_error(aligned):
             return super()._validate_anndata(aligned, copy_if_view)
 
-    def save(self, dir_path: str, *args, **kwargs) -> None:
-        """Save the model (see :meth:`scvi.model.base.BaseModelClass.save`).
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to a folder, in files that cannot carry code.
 
+        Writes ``{prefix}model.safetensors`` (the weights) and ``{prefix}model.json`` (the
+        registry with the vocabulary and fingerprint settings, the setup and init arguments,
+        the split indices, the training history and the package versions), and with
+        ``save_anndata`` the AnnData as ``{prefix}adata.h5ad``. None of them is read with
+        pickle by :meth:`load`; see :mod:`perturbx._model_files`.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to write; created if needed.
+        prefix
+            Prefix of the file names (several models in one folder).
+        overwrite
+            Replace the files of an existing folder; otherwise an existing folder is an error.
+        save_anndata
+            Also write the model's AnnData (then :meth:`load` needs no ``adata``).
+        **anndata_write_kwargs
+            Passed to :meth:`anndata.AnnData.write_h5ad`.
+
+        Notes
+        -----
         After training on several processes (DDP) every process holds the same weights and
         runs the same script; only global rank 0 writes, the others return at once (call
         ``model.trainer.strategy.barrier()`` before another rank reads the folder).
@@ -439,19 +475,125 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         trainer = getattr(self, "trainer", None)
         if trainer is not None and not trainer.is_global_zero:
             return
-        super().save(dir_path, *args, **kwargs)
+        dir_path = Path(dir_path)
+        if dir_path.exists() and not overwrite:
+            raise ValueError(
+                f"{dir_path} already exists; pass overwrite=True or another directory."
+            )
+        metadata = {
+            "model_class": type(self).__name__,
+            "versions": {
+                "perturbx": perturbx_version,
+                "scvi-tools": scvi.__version__,
+                "torch": torch.__version__,
+            },
+            # scvi's convention: the public attributes ending in "_" are the model's state
+            "attributes": {k: v for k, v in vars(self).items()
+                           if k.endswith("_") and not k.startswith("_")},
+        }
+        dir_path.mkdir(parents=True, exist_ok=True)
+        paths = model_file_paths(dir_path, prefix)
+        if save_anndata:
+            self.adata.write_h5ad(paths["adata"], **anndata_write_kwargs)
+        write_model_files(dir_path, self.module.state_dict(), metadata, prefix)
+        paths["legacy"].unlink(missing_ok=True)  # an older save's pickle must not linger
 
     @classmethod
-    def load(cls, dir_path: str, adata: AnnData | None = None, **kwargs) -> PerturbX:
-        """Load a saved model (see :meth:`scvi.model.base.BaseModelClass.load`).
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        trust_pickle: bool = False,
+        **kwargs,
+    ) -> PerturbX:
+        """Load a model written by :meth:`save`.
 
-        ``adata`` must have exactly the training genes in the training order. Raises
-        ``ValueError`` if the saved registry comes from an incompatible perturbx version or
-        its fingerprint settings do not reproduce the saved fingerprints.
+        Parameters
+        ----------
+        dir_path
+            The folder :meth:`save` wrote.
+        adata
+            AnnData to attach, with the training genes (in any order: they are matched by
+            name; missing genes are an error). ``None``: the AnnData saved with the model if
+            there is one, else the model is loaded without data (it can still predict from
+            new cells given to :meth:`predict`).
+        accelerator, device
+            Where to put the weights: ``"auto"`` (a GPU if there is one), ``"cpu"``,
+            ``"gpu"``/``"cuda"``; ``device`` picks the GPU by index.
+        prefix
+            Prefix of the file names, as given to :meth:`save`.
+        trust_pickle
+            Read a model folder written by perturbx < 0.2 (or scvi-tools), whose ``model.pt``
+            is a Python pickle: **unpickling runs any code the file contains**, so only do
+            this for files you trust, and save the model again to convert it. Without it such
+            a folder is an error that names this argument, raised before the file is read.
+        **kwargs
+            For ``trust_pickle`` only: passed to
+            :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Raises
+        ------
+        ValueError
+            The folder holds only a pickle-based model file (see ``trust_pickle``), its files
+            are not valid, the saved registry comes from an incompatible perturbx version, or
+            its fingerprint settings do not reproduce the saved fingerprints.
         """
+        paths = model_file_paths(dir_path, prefix)
+        if trust_pickle and not paths["metadata"].is_file():
+            return cls._load_legacy(dir_path, adata, accelerator, device, prefix, **kwargs)
+        if kwargs:
+            raise TypeError(f"PerturbX.load got unexpected arguments {sorted(kwargs)}.")
+        torch_device = _torch_device(accelerator, device)
+        state_dict, metadata = read_model_files(dir_path, prefix)  # no pickle is read
+        if metadata.get("model_class") != cls.__name__:
+            raise ValueError(
+                f"{dir_path} holds a {metadata.get('model_class')!r} model, not {cls.__name__}."
+            )
+        attributes = dict(metadata["attributes"])
+        registry = attributes.pop("registry_")
+        init_params = attributes.pop("init_params_")
+        if adata is None and paths["adata"].is_file():
+            adata = anndata.read_h5ad(paths["adata"])
+        with unchanged_on_error(adata) if adata is not None else contextlib.nullcontext():
+            if adata is not None:
+                cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
+            non_kwargs = dict(init_params["non_kwargs"])
+            extra = {k: v for group in init_params["kwargs"].values() for k, v in group.items()}
+            model = cls(adata, registry=registry, **non_kwargs, **extra)
+            for name, value in attributes.items():
+                setattr(model, name, value)
+            try:
+                model.module.load_state_dict(state_dict)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"The weights saved in {dir_path!s} do not fit the model described by its "
+                    "saved registry (vocabulary, fingerprint bits or genes differ); the registry "
+                    "was changed or written by another perturbx version."
+                ) from error
+            model._check_saved_fingerprints()
+        model.to_device(torch_device)
+        model.module.eval()
+        return model
+
+    @classmethod
+    def _load_legacy(cls, dir_path, adata, accelerator, device, prefix, **kwargs) -> PerturbX:
+        """scvi-tools' pickle-based loader, for folders saved by perturbx < 0.2."""
+        warnings.warn(
+            f"Loading {dir_path} with trust_pickle=True unpickles its model.pt, which runs any "
+            "code the file contains; do this only for files you trust. Save the model again "
+            "to convert it to the safe format.",
+            UserWarning,
+            stacklevel=3,
+        )
         with unchanged_on_error(adata) if adata is not None else contextlib.nullcontext():
             try:
-                model = super().load(dir_path, adata=adata, **kwargs)
+                model = super().load(
+                    str(dir_path), adata=adata, accelerator=accelerator, device=device,
+                    prefix=prefix, **kwargs,
+                )
             except RuntimeError as error:
                 if "size mismatch" not in str(error):
                     raise
@@ -529,3 +671,23 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         return AnnData(
             np.concatenate(out).astype(np.float32), obs=obs.copy(), var=adata.var[[]].copy()
         )
+
+
+def _torch_device(accelerator: str, device: int | str) -> str:
+    """``"cpu"`` or ``"cuda:<i>"`` for :meth:`PerturbX.load`'s ``accelerator`` / ``device``."""
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ValueError(f"accelerator={accelerator!r}: use 'auto', 'cpu', 'gpu' or 'cuda'.")
+    if isinstance(device, str) and device not in ("auto",) and not device.startswith("cuda"):
+        if device == "cpu":
+            return "cpu"
+        raise ValueError(f"device={device!r}: use 'auto', 'cpu', a GPU index or 'cuda:<i>'.")
+    use_gpu = accelerator in ("gpu", "cuda") or (
+        accelerator == "auto" and torch.cuda.is_available()
+    )
+    if not use_gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError(f"accelerator={accelerator!r}, but torch sees no GPU.")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return device
+    return f"cuda:{0 if device == 'auto' else int(device)}"

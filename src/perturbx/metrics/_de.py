@@ -220,7 +220,7 @@ def _z_scores(matrix, labels: np.ndarray, reference: str, groups: list[str]) -> 
     ctrl = ctrl.toarray() if sp.issparse(ctrl) else np.asarray(ctrl)
     ctrl = ctrl.astype(np.float64)
     mean, sd = ctrl.mean(axis=0), ctrl.std(axis=0, ddof=1)
-    codes = pd.Categorical(labels, categories=groups).codes
+    codes = pd.Index(groups).get_indexer(labels)  # -1: not one of the groups
     values, _ = group_means(matrix, codes, len(groups))
     with np.errstate(invalid="ignore", divide="ignore"):
         return (values - mean) / sd
