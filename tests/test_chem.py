@@ -165,7 +165,7 @@ def test_empty_input_gives_empty_matrix():
 def test_settings_round_trip_through_dict_json_and_pickle():
     featurize = MorganFeaturizer(radius=3, n_bits=1024, counts=True)
     settings = json.loads(json.dumps(featurize.to_dict()))
-    assert settings == {"radius": 3, "n_bits": 1024, "counts": True}
+    assert settings == {"radius": 3, "n_bits": 1024, "counts": True, "chirality": False}
     rebuilt = MorganFeaturizer.from_dict(settings)
     assert rebuilt == featurize and rebuilt != MorganFeaturizer()
     np.testing.assert_array_equal(rebuilt(["CCO"]), featurize(["CCO"]))

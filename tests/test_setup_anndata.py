@@ -47,7 +47,8 @@ def test_smiles_registered_canonically_and_genes_learned():
 
     expected = Chem.MolToSmiles(Chem.MolFromSmiles(TOY_SMILES["aspirin"]))
     assert smiles["aspirin"] == expected
-    assert state["fingerprint"] == {"radius": 2, "n_bits": 2048, "counts": True}
+    assert state["fingerprint"] == {"radius": 2, "n_bits": 2048, "counts": True,
+                                   "chirality": False}
 
 
 def test_no_dose_column_means_dose_one():

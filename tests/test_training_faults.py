@@ -218,7 +218,8 @@ def test_round_trip_keeps_split_registry_and_predictions(saved):
         np.testing.assert_array_equal(np.sort(indices), np.flatnonzero(split == name))
     state = loaded._perturbation_state
     assert state == model._perturbation_state
-    assert state["fingerprint"] == {"radius": 3, "n_bits": 512, "counts": False}
+    assert state["fingerprint"] == {"radius": 3, "n_bits": 512, "counts": False,
+                                   "chirality": False}
     assert loaded.featurizer.to_dict() == state["fingerprint"]
     target = [{"drug": "aspirin+caffeine", "dose": "1+10"}, {"drug": "CC(C)Cc1ccc(cc1)C(C)C(O)=O"}]
     np.testing.assert_array_equal(

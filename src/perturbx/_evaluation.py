@@ -16,6 +16,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from perturbx._prediction import sampling_member
+from perturbx.data._validation import keeps_adata_on_error
 from perturbx.module import COUNT_LIKELIHOODS
 
 
@@ -112,6 +113,7 @@ class EvaluationMixin:
     ``_training_indices``) and the model's registry and ``module``.
     """
 
+    @keeps_adata_on_error("adata_eval")
     def evaluate(
         self,
         adata_eval: AnnData,

@@ -23,7 +23,8 @@ from scvi import REGISTRY_KEYS
 from perturbx._targets import KEEP_SOURCE, ResolvedTargets, resolve_targets
 from perturbx.chem import canonical_smiles, nearest_reference
 from perturbx.data._fields import split_smiles_combination
-from perturbx.data._validation import check_obs
+from perturbx.data._parsing import MAX_DOSE, format_condition, parse_condition_columns
+from perturbx.data._validation import check_obs, keeps_adata_on_error
 from perturbx.module import COUNT_LIKELIHOODS, split_perturbations
 
 
@@ -51,6 +52,65 @@ class _PredictionPlan:
         return sum(map(len, self.target_rows))
 
 
+def check_prediction_arguments(
+    n_cells_per_target, library_size, batch_size, counts_likelihood: bool
+) -> None:
+    """Errors naming the argument for :meth:`PredictionMixin.predict`'s numeric arguments."""
+    if n_cells_per_target is not None and (
+        isinstance(n_cells_per_target, bool)
+        or not isinstance(n_cells_per_target, (int, np.integer))
+        or n_cells_per_target < 1
+    ):
+        raise ValueError(
+            f"n_cells_per_target={n_cells_per_target!r} must be a positive integer or None."
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
+        batch_size < 1
+    ):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    if isinstance(library_size, str):
+        if library_size != "observed":
+            raise ValueError(
+                f"library_size={library_size!r} must be 'observed' or a positive number."
+            )
+        return
+    if isinstance(library_size, bool) or not isinstance(
+        library_size, (int, float, np.integer, np.floating)
+    ) or not np.isfinite(library_size) or library_size <= 0:
+        raise ValueError(
+            f"library_size={library_size!r} must be 'observed' or a positive, finite number."
+        )
+    if not counts_likelihood:
+        raise ValueError("library_size applies to counts likelihoods ('nb'/'zinb') only.")
+
+
+def checked_doses(doses, argument: str, n_values: int | None = None) -> np.ndarray:
+    """``doses`` as a float array: finite, non-negative, at most ``MAX_DOSE``.
+
+    ``n_values``: a sequence must have that many entries (one per perturbation); a scalar
+    is accepted for all.
+    """
+    try:
+        values = np.asarray(doses, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{argument}={doses!r} must be numbers.") from None
+    if values.ndim > 1:
+        raise ValueError(f"{argument} must be a number or a 1-d sequence, got shape "
+                         f"{values.shape}.")
+    if values.ndim == 1 and n_values is not None and len(values) != n_values:
+        raise ValueError(
+            f"{argument} has {len(values)} values for {n_values} perturbations; give one dose "
+            "per perturbation, or a single number for all."
+        )
+    bad = values[~np.isfinite(values) | (values < 0) | (values > MAX_DOSE)]
+    if bad.size:
+        raise ValueError(
+            f"{argument} contains {bad.ravel()[:5].tolist()}: doses must be finite, "
+            f"non-negative and at most {MAX_DOSE:g}."
+        )
+    return values
+
+
 def sampling_member(n_cells: int, n_models: int, offset: int = 0) -> np.ndarray:
     """Which ensemble member draws each of ``n_cells`` sampled cells.
 
@@ -68,6 +128,11 @@ class PredictionMixin:
     ``_covariate_categories``, ``_smiles_column``, ``featurizer``, ``perturbations``), data
     access (``_validate_anndata``, ``_batches``) and scvi's ``adata`` and ``train_indices_``.
     """
+
+    @property
+    def _embeds_molecules(self) -> bool:
+        """Whether the model has a drug encoder (a perturbation registered with a SMILES)."""
+        return any(smiles is not None for smiles in self._perturbation_state["smiles"])
 
     # --------------------------------------------------------------------- prediction
     def _source_indices(self, adata: AnnData, source) -> np.ndarray:
@@ -87,7 +152,24 @@ class PredictionMixin:
                 raise ValueError(
                     f"source mask has shape {source.shape}, expected ({adata.n_obs},)."
                 )
+            if not source.any():
+                raise ValueError("source mask selects no cells (it is all False).")
             return np.flatnonzero(source)
+        if source.ndim != 1 or source.dtype.kind not in "iu":
+            raise TypeError(
+                f"source must be 'control', a boolean mask or integer cell indices; got an "
+                f"array of dtype {source.dtype} and shape {source.shape}"
+                + (" (obs names: pass np.flatnonzero(adata.obs_names.isin(names)))."
+                   if source.dtype.kind in "OUS" else ".")
+            )
+        if len(source) == 0:
+            raise ValueError("source selects no cells (no indices given).")
+        outside = source[(source < 0) | (source >= adata.n_obs)]
+        if len(outside):
+            raise IndexError(
+                f"source indices {outside[:5].tolist()} are outside 0..{adata.n_obs - 1} "
+                f"(the AnnData has {adata.n_obs} cells)."
+            )
         return source.astype(np.int64)
 
     @torch.inference_mode()
@@ -145,6 +227,7 @@ class PredictionMixin:
         ]
         return [name for name, _ in chosen], [smiles for _, smiles in chosen]
 
+    @keeps_adata_on_error("adata")
     @torch.inference_mode()
     def predict(
         self,
@@ -258,10 +341,12 @@ class PredictionMixin:
         (arguments as in :meth:`predict`)."""
         if repeat_sources and n_cells_per_target is None:
             raise ValueError("repeat_sources=True needs n_cells_per_target (cells per target).")
+        check_prediction_arguments(n_cells_per_target, library_size, batch_size,
+                                   self.module.likelihood in COUNT_LIKELIHOODS)
         self.module.eval()
         targets = resolve_targets(
             target, self._perturbation_state, self._covariate_categories, canonical_smiles,
-            self._smiles_column,
+            self._smiles_column, embeds_molecules=self._embeds_molecules,
         )
         extra = None
         if targets.new_smiles:
@@ -271,8 +356,6 @@ class PredictionMixin:
         sources = self._source_indices(adata, source)
         basal, library, covariates = self._encode_sources(adata, sources, batch_size)
         if library_size != "observed":
-            if self.module.likelihood not in COUNT_LIKELIHOODS:
-                raise ValueError("library_size applies to counts likelihoods ('nb'/'zinb') only.")
             library = torch.full_like(library, float(library_size))
         rng = np.random.default_rng(seed)
         target_rows = []
@@ -366,7 +449,8 @@ class PredictionMixin:
         """Vocabulary indices (or new-molecule indices) and fingerprints of new molecules."""
         state = self._perturbation_state
         frame = pd.DataFrame({state["perturbation_key"]: list(perturbations)})
-        targets = resolve_targets(frame, state, {}, canonical_smiles, self._smiles_column)
+        targets = resolve_targets(frame, state, {}, canonical_smiles, self._smiles_column,
+                                  embeds_molecules=self._embeds_molecules)
         if (targets.index > 0).sum(1).max() > 1:
             raise ValueError("Give single perturbations here, not combinations.")
         extra = None
@@ -399,8 +483,9 @@ class PredictionMixin:
         index, extra = self._resolve_members(perturbations)
         embedding = self.module.perturbation_embedding(index, extra)[:, 0]
         if doses is not None:
+            values = checked_doses(doses, "doses", n_values=len(perturbations))
             dose = torch.as_tensor(
-                np.broadcast_to(np.asarray(doses, np.float32), (len(index),)).copy()
+                np.broadcast_to(values.astype(np.float32), (len(index),)).copy()
             )
             scale = self.module.dose_response(index, dose.unsqueeze(1), extra)
             embedding = embedding * scale
@@ -416,14 +501,16 @@ class PredictionMixin:
         -------
         ``(len(doses),)`` array: the factor multiplying the perturbation's embedding.
         """
+        values = checked_doses(doses, "doses")
         self.module.eval()
         index, extra = self._resolve_members([perturbation])
-        dose = torch.as_tensor(np.asarray(doses, dtype=np.float32)).reshape(-1, 1)
+        dose = torch.as_tensor(values.astype(np.float32)).reshape(-1, 1)
         return (
             self.module.dose_response(index.expand(len(dose), 1), dose, extra)[:, 0].cpu().numpy()
         )
 
     # --------------------------------------------------------------------- evaluation
+    @keeps_adata_on_error("adata_eval")
     def predict_conditions(
         self,
         adata_eval: AnnData,
@@ -522,10 +609,23 @@ class PredictionMixin:
         smiles_column = self._smiles_column
         if smiles_column in adata_eval.obs.columns:
             columns.append(smiles_column)
-        targets = (
-            adata_eval.obs.loc[~is_control, columns]
-            .astype(object)
-            .drop_duplicates(subset=[pkey] + ([dkey] if dkey else []) + covariate_keys)
+        # One target per condition however its dose is written ("3" / "3.0") and whatever
+        # the order of a combination's members ("A+B" at "1+10" is "B+A" at "10+1").
+        conditions, codes = parse_condition_columns(
+            adata_eval.obs, pkey, dkey, state["control_value"]
+        )
+        control = state["control_value"]
+        canonical = []
+        for names, doses in conditions:
+            members = sorted(zip(names, doses, strict=True))
+            canonical.append(format_condition([n for n, _ in members], [d for _, d in members],
+                                              control_value=control))
+        targets = adata_eval.obs.loc[~is_control, columns].astype(object)
+        targets[pkey] = [canonical[c][0] for c in codes[~is_control]]
+        if dkey:
+            targets[dkey] = [canonical[c][1] for c in codes[~is_control]]
+        targets = targets.drop_duplicates(
+            subset=[pkey] + ([dkey] if dkey else []) + covariate_keys
         )
         order = np.argsort(targets.astype(str).agg("|".join, axis=1).to_numpy(), kind="stable")
         return sources, source_cells, targets.iloc[order].reset_index(drop=True)

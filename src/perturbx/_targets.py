@@ -17,6 +17,7 @@ from perturbx.data._fields import close_matches_text, split_smiles_combination
 from perturbx.data._parsing import format_condition, parse_condition
 
 KEEP_SOURCE = -1  # covariate code meaning "use the source cell's own value"
+_DOSE_OMITTED = "<dose not given>"  # a target dict without a dose: every member at dose 1
 
 
 @dataclass
@@ -87,6 +88,7 @@ def resolve_targets(
     covariate_categories: Mapping[str, Sequence],
     canonicalize: Callable[[str, str | None], str],
     smiles_column: str = "smiles",
+    embeds_molecules: bool = True,
 ) -> ResolvedTargets:
     """Resolve targets against the perturbation registry ``state`` (see ``PerturbationField``).
 
@@ -103,8 +105,24 @@ def resolve_targets(
     smiles_column
         Target column with SMILES (``+``-joined for combinations) of perturbations that are
         not in the vocabulary.
+    embeds_molecules
+        Whether the model has a drug encoder (some perturbation was registered with a
+        SMILES). Without one, no target is read as a molecule.
+
+    Notes
+    -----
+    A name outside the vocabulary is a new molecule only if its SMILES is given in
+    ``smiles_column``, or if the model has a drug encoder, the name parses as a SMILES and it
+    is not a close match of a known name (``"CNN"`` next to the gene ``"CNN1"`` is a typo,
+    not methylamine). A known name given with the SMILES of another molecule is an error:
+    the prediction would carry the known name's label.
     """
     pkey, dkey, control = state["perturbation_key"], state["dose_key"], state["control_value"]
+    dose_column = dkey or "dose"
+    if isinstance(target, Sequence) and not isinstance(target, str) and all(
+        isinstance(t, Mapping) for t in target
+    ):  # a dict that leaves out the dose means dose 1, unlike an explicit NaN
+        target = [t if dose_column in t else {**t, dose_column: _DOSE_OMITTED} for t in target]
     frame = targets_frame(target, pkey)
     allowed = {pkey, dkey or "dose", smiles_column, *covariate_categories}
     unknown_columns = [c for c in frame.columns if c not in allowed]
@@ -112,7 +130,6 @@ def resolve_targets(
         raise KeyError(
             f"target columns {unknown_columns} are not known; expected some of {sorted(allowed)}."
         )
-    dose_column = dkey or "dose"
     vocabulary = list(state["vocabulary"])
     index_of = {name: i + 1 for i, name in enumerate(vocabulary)}
     known_smiles = {s: i + 1 for i, s in enumerate(state["smiles"]) if s is not None}
@@ -120,11 +137,19 @@ def resolve_targets(
 
     rows, indices, doses = [], [], []
     for t, row in frame.iterrows():
-        dose = row.get(dose_column) if dose_column in frame.columns else None
-        dose = None if _missing(dose) else dose
+        dose = row.get(dose_column) if dose_column in frame.columns else _DOSE_OMITTED
+        omitted = isinstance(dose, str) and dose == _DOSE_OMITTED
+        dose_missing = omitted or _missing(dose)
         names, member_doses = parse_condition(
-            str(row[pkey]), dose, control_value=control, where=f"target row {t}"
+            _text(row[pkey], f"target row {t}: {pkey!r}"), None if dose_missing else dose,
+            control_value=control, where=f"target row {t}",
         )
+        if names and dose_missing and not omitted:
+            raise ValueError(
+                f"target row {t}: the {dose_column!r} of {row[pkey]!r} is missing ({dose!r}). "
+                f"Give a dose, or leave out the {dose_column!r} column (every perturbation "
+                "at dose 1)."
+            )
         smiles = row.get(smiles_column) if smiles_column in frame.columns else None
         member_smiles = (
             split_smiles_combination(str(smiles)) if not _missing(smiles) else [None] * len(names)
@@ -137,29 +162,47 @@ def resolve_targets(
         member_index = []
         new_row_smiles = []
         for name, smi in zip(names, member_smiles, strict=True):
-            if name in index_of and smi in (None, ""):
+            given = smi not in (None, "")
+            if name in index_of and not given:
                 member_index.append(index_of[name])
                 continue
-            if smi in (None, ""):
+            unknown = (
+                f"target row {t}: perturbation {name!r} is not known to the model"
+                f"{close_matches_text(name, vocabulary)}. Known perturbations: {vocabulary}."
+            )
+            if not embeds_molecules:
+                raise ValueError(
+                    unknown + " This model has no drug encoder (no perturbation was set up "
+                    "with a SMILES), so it cannot predict new perturbations"
+                    + (" from their SMILES." if given else ".")
+                )
+            if not given:
+                if close_matches_text(name, vocabulary):
+                    raise ValueError(
+                        unknown + f" A new molecule whose name resembles a known one must be "
+                        f"given with its SMILES in a {smiles_column!r} column."
+                    )
                 smi = name  # a member may be given directly as a SMILES string
                 try:
                     canonical = canonicalize(smi, name)
                 except ValueError:
-                    charged = "[" in str(row[pkey])  # "+" of "[N+]" was read as a combination
                     raise ValueError(
-                        f"target row {t}: perturbation {name!r} is not known to the model"
-                        f"{close_matches_text(name, vocabulary)} and is not a valid SMILES. "
-                        f"Known perturbations: {vocabulary}. Give a new molecule by SMILES "
-                        f"(as the perturbation or in a {smiles_column!r} column)."
-                        + (
-                            f" A SMILES with charges such as [N+] must go in the {smiles_column!r}"
-                            " column, because '+' in the perturbation joins combinations."
-                            if charged
-                            else ""
-                        )
+                        unknown + " It is not a valid SMILES either; give a new molecule by "
+                        f"SMILES (as the perturbation or in a {smiles_column!r} column)."
                     ) from None
             else:
                 canonical = canonicalize(smi, name)
+            if name in index_of:
+                registered = state["smiles"][index_of[name] - 1]
+                if canonical != registered:
+                    what = (f"the molecule {registered!r}" if registered is not None
+                            else "a learned perturbation (no structure)")
+                    raise ValueError(
+                        f"target row {t}: {name!r} is known to the model as {what}, but the "
+                        f"target gives the SMILES {smi!r} ({canonical!r}), another molecule. "
+                        "Give the new molecule a name of its own, or drop its SMILES to "
+                        "predict the known one."
+                    )
             if canonical in known_smiles:
                 member_index.append(known_smiles[canonical])
                 continue
@@ -203,6 +246,13 @@ def resolve_targets(
         for _, r in obs.iterrows()
     ]
     return ResolvedTargets(obs, index, dose, codes, new_smiles)
+
+
+def _text(value, where: str) -> str:
+    """A perturbation entry as a string (a missing one is an error naming ``where``)."""
+    if _missing(value):
+        raise ValueError(f"{where} is missing ({value!r}).")
+    return str(value)
 
 
 def _missing(value) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -192,6 +193,10 @@ class MorganFeaturizer:
         Length of the folded fingerprint.
     counts
         If True, count how often each environment occurs instead of 0/1 bits.
+    chirality
+        If True, atom environments include R/S tags (RDKit's ``includeChirality``), so that
+        stereoisomers (e.g. ruxolitinib and S-ruxolitinib) get different fingerprints.
+        Without it they are one molecule to the model.
 
     Examples
     --------
@@ -203,6 +208,7 @@ class MorganFeaturizer:
     radius: int = 2
     n_bits: int = 2048
     counts: bool = False
+    chirality: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.radius, bool) or not isinstance(self.radius, (int, np.integer)):
@@ -215,6 +221,9 @@ class MorganFeaturizer:
             raise ValueError(f"n_bits must be >= 1, got {self.n_bits}.")
         if not isinstance(self.counts, (bool, np.bool_)):
             raise ValueError(f"counts must be True or False, got {self.counts!r}.")
+        if not isinstance(self.chirality, (bool, np.bool_)):
+            raise ValueError(f"chirality must be True or False, got {self.chirality!r}.")
+        self.chirality = bool(self.chirality)
         self.radius = int(self.radius)
         self.n_bits = int(self.n_bits)
         self.counts = bool(self.counts)
@@ -225,7 +234,7 @@ class MorganFeaturizer:
         self._canonical_of: dict[str, str] = {}
         self._fingerprint_of: dict[str, np.ndarray] = {}
         self._generator = rdFingerprintGenerator.GetMorganGenerator(
-            radius=self.radius, fpSize=self.n_bits
+            radius=self.radius, fpSize=self.n_bits, includeChirality=self.chirality
         )
 
     # RDKit generators cannot be pickled; keep only the settings and rebuild the rest.
@@ -234,6 +243,7 @@ class MorganFeaturizer:
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.radius, self.n_bits, self.counts = state["radius"], state["n_bits"], state["counts"]
+        self.chirality = state.get("chirality", False)
         self.__post_init__()
 
     def __eq__(self, other: object) -> bool:
@@ -246,7 +256,8 @@ class MorganFeaturizer:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (for a model registry or JSON)."""
-        return {"radius": self.radius, "n_bits": self.n_bits, "counts": self.counts}
+        return {"radius": self.radius, "n_bits": self.n_bits, "counts": self.counts,
+                "chirality": self.chirality}
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> MorganFeaturizer:
@@ -443,3 +454,41 @@ def nearest_reference(
         },
         index=index,
     )
+
+
+def warn_indistinguishable_molecules(
+    state: Mapping[str, Any], featurizer: MorganFeaturizer
+) -> list[list[str]]:
+    """Warn about perturbations whose molecules the model cannot tell apart.
+
+    Two names with one canonical SMILES are the same molecule; two molecules with identical
+    fingerprints (stereoisomers without ``chirality``, or a fingerprint too coarse) get
+    identical embeddings and predictions. ``state`` is the perturbation registry
+    (``vocabulary``, canonical ``smiles``).
+
+    Returns
+    -------
+    The groups of names (each of two or more) that share a fingerprint.
+    """
+    named = [(n, s) for n, s in zip(state["vocabulary"], state["smiles"], strict=True) if s]
+    if len(named) < 2:
+        return []
+    fingerprints = featurizer([s for _, s in named])
+    _, group, counts = np.unique(fingerprints, axis=0, return_inverse=True, return_counts=True)
+    groups = [[named[i][0] for i in np.flatnonzero(group.ravel() == g)]
+              for g in np.flatnonzero(counts > 1)]
+    if groups:
+        smiles_of = dict(named)
+        kinds = ["one molecule" if len({smiles_of[n] for n in names}) == 1
+                 else "different molecules" for names in groups]
+        described = "; ".join(f"{names} ({kind})" for names, kind in zip(groups, kinds,
+                                                                         strict=True))
+        warnings.warn(
+            f"The model cannot tell these perturbations apart (identical fingerprints, so "
+            f"identical embeddings and predictions): {described}. For stereoisomers, set "
+            "fingerprint_chirality=True in setup_anndata; for one molecule under two names, "
+            "merge the names.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return groups

@@ -17,29 +17,36 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalJointObsField, LayerField
+from scvi.data.fields import LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from perturbx import __version__ as perturbx_version
 from perturbx._evaluation import EvaluationMixin
 from perturbx._model_files import model_file_paths, read_model_files, write_model_files
 from perturbx._prediction import PredictionMixin
-from perturbx.chem import MorganFeaturizer, canonical_smiles
+from perturbx.chem import MorganFeaturizer, canonical_smiles, warn_indistinguishable_molecules
 from perturbx.data._backed import (
     check_minibatch_access,
     check_not_backed_view,
     keep_requested_order,
 )
-from perturbx.data._fields import PERTURBATIONS_KEY, PerturbationField, check_registry_state
+from perturbx.data._fields import (
+    PERTURBATIONS_KEY,
+    CovariateField,
+    PerturbationField,
+    check_registry_state,
+)
 from perturbx.data._validation import (
     align_genes,
     check_expression,
     check_obs,
     check_same_genes,
+    check_var_names,
+    keeps_adata_on_error,
     unchanged_on_error,
 )
 from perturbx.module import COUNT_LIKELIHOODS, LIKELIHOODS, PerturbXModule
-from perturbx.train import PerturbXTrainingPlan, resolve_ddp_strategy
+from perturbx.train import PerturbXTrainingPlan, check_plan_kwargs, resolve_ddp_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +192,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         fingerprint_radius: int = 2,
         fingerprint_bits: int = 2048,
         fingerprint_counts: bool = True,
+        fingerprint_chirality: bool = False,
         **kwargs,
     ) -> None:
         """Register an AnnData for PerturbX.
@@ -214,9 +222,13 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         layer
             Layer with the expression; ``None`` uses ``adata.X``.
         fingerprint_radius, fingerprint_bits, fingerprint_counts
-            Morgan fingerprint settings (stored in the registry). Count vectors (the default)
-            predicted held-out drugs better than bit vectors in
-            ``benchmarks/bench_unseen_drugs.py``.
+            Morgan fingerprint settings (stored in the registry): radius, length, and count
+            vectors (the default) instead of 0/1 bits.
+        fingerprint_chirality
+            Include R/S stereo tags in the fingerprints, so that stereoisomers (e.g.
+            ruxolitinib and S-ruxolitinib in sci-Plex 3) are different molecules to the
+            model. Without it (the default) they get identical embeddings, and
+            ``setup_anndata`` warns, naming them.
 
         Notes
         -----
@@ -234,6 +246,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         setup_method_args = cls._get_setup_method_args(**locals())
         check_not_backed_view(adata, "setup_anndata")
         check_obs(adata, covariate_keys)
+        check_var_names(adata)
         clashes = [k for k in covariate_keys if k in (perturbation_key, dose_key, smiles_key)]
         if clashes:
             raise ValueError(
@@ -243,7 +256,9 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         if source_registry is not None:  # loading a saved model: its genes, in its order
             x_state = source_registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
             check_same_genes(adata, x_state["column_names"])
-        featurizer = MorganFeaturizer(fingerprint_radius, fingerprint_bits, fingerprint_counts)
+        featurizer = MorganFeaturizer(
+            fingerprint_radius, fingerprint_bits, fingerprint_counts, fingerprint_chirality
+        )
         fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             PerturbationField(
@@ -254,12 +269,16 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
                 fingerprint_settings=featurizer.to_dict(),
                 smiles_key=smiles_key,
             ),
-            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, covariate_keys or None),
+            CovariateField(covariate_keys),
         ]
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         with unchanged_on_error(adata):
             manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
+        if source_registry is None:
+            warn_indistinguishable_molecules(
+                manager.get_state_registry(PERTURBATIONS_KEY), featurizer
+            )
 
     @property
     def _perturbation_state(self) -> dict:
@@ -364,6 +383,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         DDP and keeps ``history`` on global rank 0 only (it also writes it to
         ``lightning_logs/`` in the working directory); :meth:`save` writes on rank 0 only.
         """
+        check_plan_kwargs(plan_kwargs)
         if seed is not None:
             settings.seed = seed
         kwargs["strategy"] = resolve_ddp_strategy(
@@ -516,8 +536,9 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         dir_path
             The folder :meth:`save` wrote.
         adata
-            AnnData to attach, with the training genes (in any order: they are matched by
-            name; missing genes are an error). ``None``: the AnnData saved with the model if
+            AnnData to attach, with the training genes in any order: they are matched by
+            name (if the order differs, or there are extra genes, the model attaches a copy
+            with the training genes in the training order); missing genes are an error. ``None``: the AnnData saved with the model if
             there is one, else the model is loaded without data (it can still predict from
             new cells given to :meth:`predict`).
         accelerator, device
@@ -557,6 +578,9 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         init_params = attributes.pop("init_params_")
         if adata is None and paths["adata"].is_file():
             adata = anndata.read_h5ad(paths["adata"])
+        if adata is not None:  # genes matched by name: a reordered copy if the order differs
+            adata = align_genes(adata, registry["field_registries"][REGISTRY_KEYS.X_KEY][
+                "state_registry"]["column_names"])
         with unchanged_on_error(adata) if adata is not None else contextlib.nullcontext():
             if adata is not None:
                 cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
@@ -626,6 +650,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         # Backed AnnData: scvi sorts each minibatch's cells; give them back in the asked order.
         return adata, keep_requested_order(loader, adata, indices)
 
+    @keeps_adata_on_error("adata")
     @torch.inference_mode()
     def get_latent_representation(
         self,
@@ -652,6 +677,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
             out.append(latent.cpu().numpy())
         return np.concatenate(out)
 
+    @keeps_adata_on_error("adata")
     @torch.inference_mode()
     def reconstruct(
         self,

@@ -261,7 +261,9 @@ class DoseResponse(nn.Module):
     ``linear``: ``a·d``; ``mlp``: a shared MLP of ``(log1p(d), code_p)`` with a learned code
     per perturbation; ``amortized``: ``logsigm`` whose ``(a, b)`` for molecules are computed
     from the fingerprint, so a molecule never seen in training has a dose response too
-    (perturbations without structure keep learned ``(a, b)``).
+    (perturbations without structure keep learned ``(a, b)``). Every kind gives exactly
+    ``s(0) = 0``: a perturbation at dose 0 is no perturbation (the curves themselves are not
+    0 there), so a prediction at dose 0 equals the control's.
     Parameters of molecules not in the vocabulary, for the non-amortised kinds, are the mean
     over the vocabulary's molecules. With ``unseen_ridge``, a fitted :class:`FingerprintRidge`
     gives the parameters of molecules without training cells (in evaluation mode) instead.
@@ -353,7 +355,8 @@ class DoseResponse(nn.Module):
         else:
             features = torch.cat([torch.log1p(dose).unsqueeze(-1), theta], dim=-1)
             scale = self.shared_mlp(features).squeeze(-1)
-        return scale * (index != 0)
+        # Dose 0 is no perturbation: the curves above are not 0 there (sigmoid(b)).
+        return scale * ((index != 0) & (dose > 0))
 
 
 class Adversary(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Any
 
@@ -412,3 +413,28 @@ class PerturbXTrainingPlan(TrainingPlan):
                 fused=True,
             ),
         ]
+
+
+def check_plan_kwargs(plan_kwargs: dict | None) -> None:
+    """Raise ``ValueError`` for a ``plan_kwargs`` key that no training plan argument takes.
+
+    scvi's :class:`~scvi.train.TrainingPlan` passes keys it does not know on to the module's
+    ``loss()``, so a misspelled key would otherwise fail at the first training step with an
+    error that blames ``loss()``.
+    """
+    if not plan_kwargs:
+        return
+    known = set()
+    for cls in (PerturbXTrainingPlan, TrainingPlan):
+        known |= {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self"}
+    known.discard("module")
+    unknown = sorted(set(plan_kwargs) - known)
+    if unknown:
+        hints = [difflib.get_close_matches(k, sorted(known), n=1) for k in unknown]
+        hint = "; ".join(f"{k!r}: did you mean {h[0]!r}?" for k, h in zip(unknown, hints,
+                                                                            strict=True) if h)
+        raise ValueError(
+            f"plan_kwargs has unknown key(s) {unknown}" + (f" ({hint})" if hint else "")
+            + f". Known keys: {sorted(known)}."
+        )

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import rich.table
 from anndata import AnnData
-from scvi.data.fields import BaseAnnDataField
+from scvi import REGISTRY_KEYS
+from scvi.data.fields import BaseAnnDataField, CategoricalJointObsField
 
 from perturbx.data._parsing import (
     COMBINATION_SEPARATOR,
@@ -103,12 +104,14 @@ def collect_smiles(
     codes: np.ndarray,
     smiles_key: str | Mapping[str, str] | None,
     vocabulary: Sequence[str],
+    canonicalize=None,
 ) -> dict[str, str]:
     """Map each perturbation that has a structure to its (raw) SMILES.
 
     ``smiles_key`` is an obs column (a combination lists its SMILES ``+``-joined in the same
     order as its members) or a mapping perturbation → SMILES. Perturbations without a SMILES
-    get learned embeddings.
+    get learned embeddings. ``canonicalize(smiles, name)``: two spellings of one molecule
+    (aromatic or Kekulé rings, another atom order) for the same perturbation are one SMILES.
     """
     if smiles_key is None:
         return {}
@@ -142,7 +145,11 @@ def collect_smiles(
             for name, smi in zip(names, members, strict=True):
                 if smi == "":
                     continue
-                if found.setdefault(name, smi) != smi:
+                previous = found.setdefault(name, smi)
+                if previous != smi and (
+                    canonicalize is None
+                    or canonicalize(previous, name) != canonicalize(smi, name)
+                ):
                     raise ValueError(
                         f"perturbation {name!r} has two different SMILES in "
                         f"obs[{smiles_key!r}]: {found[name]!r} and {smi!r}."
@@ -220,7 +227,9 @@ class PerturbationField(BaseAnnDataField):
                 f"(values include {values[:10]})."
             )
         vocabulary = sorted({n for names, _ in conditions for n in names})
-        raw_smiles = collect_smiles(adata.obs, conditions, codes, self._smiles_key, vocabulary)
+        raw_smiles = collect_smiles(
+            adata.obs, conditions, codes, self._smiles_key, vocabulary, self._canonicalize
+        )
         smiles = [
             self._canonicalize(raw_smiles[name], name) if name in raw_smiles else None
             for name in vocabulary
@@ -293,3 +302,47 @@ def _encode(conditions: list[Condition], codes: np.ndarray, state: dict) -> np.n
         table[row, 1 : 1 + len(names)] = [index[n] for n in names]
         table[row, 1 + width : 1 + width + len(doses)] = doses
     return table[codes]
+
+
+class CovariateField(CategoricalJointObsField):
+    """Categorical covariates (cell type, donor, ...) as one ``.obsm`` array of codes.
+
+    scvi-tools' :class:`~scvi.data.fields.CategoricalJointObsField` with one change: new
+    cells (prediction, evaluation, :meth:`perturbx.PerturbX.load` with an AnnData) are coded
+    by category *value*. scvi's field casts the column to the registered categorical dtype,
+    which pandas treats as a no-op when the column already has the same categories in
+    another order, so its codes would refer to the wrong categories.
+    """
+
+    def __init__(self, covariate_keys: Sequence[str] | None):
+        super().__init__(REGISTRY_KEYS.CAT_COVS_KEY, list(covariate_keys) or None)
+
+    def transfer_field(self, state_registry: dict, adata_target: AnnData, **kwargs) -> dict:
+        if self.is_empty:
+            return None
+        mappings = state_registry[self.MAPPINGS_KEY]
+        codes = {}
+        for key in self.attr_keys:
+            if key not in adata_target.obs.columns:
+                raise KeyError(
+                    f"The registered covariate {key!r} is not a column of adata.obs; available "
+                    f"columns: {', '.join(map(repr, adata_target.obs.columns))}."
+                )
+            known = pd.Index(np.asarray(mappings[key], dtype=object))
+            values = np.asarray(adata_target.obs[key], dtype=object)
+            key_codes = known.get_indexer(values)
+            unknown = pd.unique(values[key_codes < 0])
+            if len(unknown):
+                raise ValueError(
+                    f"obs[{key!r}] (a covariate) has values the model does not know: "
+                    f"{unknown[:5].tolist()}"
+                    f"{close_matches_text(str(unknown[0]), [str(k) for k in known])}; "
+                    f"known values: {known.tolist()}."
+                )
+            codes[key] = key_codes.astype(np.int64)
+        adata_target.obsm[self.attr_key] = pd.DataFrame(codes, index=adata_target.obs_names)
+        return {
+            self.MAPPINGS_KEY: mappings,
+            self.FIELD_KEYS_KEY: list(self.attr_keys),
+            self.N_CATS_PER_KEY: [len(mappings[k]) for k in self.attr_keys],
+        }

@@ -100,11 +100,31 @@ def parse_condition(
     names = tuple(p.strip() for p in perturbation.split(COMBINATION_SEPARATOR))
     if any(n == "" for n in names):
         raise ConditionParseError(f"{where}: perturbation {perturbation!r} has an empty member.")
+    if len(names) > 1 and not all(_balanced(n) for n in names):
+        raise ConditionParseError(
+            f"{where}: perturbation {perturbation!r} would be split at '+' into the members "
+            f"{list(names)}, which are not names (unbalanced brackets). '+' joins the members "
+            "of a combination, so a name that contains '+' such as '(+)-catechin' must be "
+            "renamed (e.g. 'catechin' or 'd-catechin'), and a SMILES with a charge such as "
+            "[N+] must go in the 'smiles' column, not in the perturbation."
+        )
     doses = (1.0,) * len(names) if dose is None else _parse_doses(dose, len(names), where)
     kept = [(n, d) for n, d in zip(names, doses, strict=True) if n != control_value]
     if len({n for n, _ in kept}) != len(kept):
         raise ConditionParseError(f"{where}: perturbation {perturbation!r} repeats a member.")
     return tuple(n for n, _ in kept), tuple(d for _, d in kept)
+
+
+def _balanced(name: str) -> bool:
+    """Whether every bracket of ``name`` closes, in order: ``(``, ``[`` and ``{``."""
+    closing = {")": "(", "]": "[", "}": "{"}
+    stack = []
+    for char in name:
+        if char in "([{":
+            stack.append(char)
+        elif char in closing and (not stack or stack.pop() != closing[char]):
+            return False
+    return not stack
 
 
 def format_condition(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -95,6 +97,31 @@ def unchanged_on_error(adata: AnnData) -> Iterator[None]:
         raise
 
 
+def keeps_adata_on_error(argument: str) -> Callable:
+    """Decorate a method so that its AnnData argument ``argument`` is unchanged if it raises.
+
+    Registration of a new AnnData (scvi's keys in ``obsm`` and ``uns``, perturbx's arrays)
+    happens early in prediction, evaluation and latent extraction; an error after it (a bad
+    ``source``, no matching control cells) must not leave the user's object half-registered.
+    Successful calls keep the registration, as in scvi-tools.
+    """
+
+    def decorator(method: Callable) -> Callable:
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def wrapper(*args, **kwargs):
+            adata = signature.bind_partial(*args, **kwargs).arguments.get(argument)
+            if not isinstance(adata, AnnData) or adata.is_view:  # a view is copied, not changed
+                return method(*args, **kwargs)
+            with unchanged_on_error(adata):
+                return method(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
 def check_obs(adata: AnnData, covariate_keys: Sequence[str]) -> None:
     """Non-empty data, unique obs names and present, complete covariate columns."""
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -114,6 +141,17 @@ def check_obs(adata: AnnData, covariate_keys: Sequence[str]) -> None:
         if adata.obs[key].isna().any():
             n = int(adata.obs[key].isna().sum())
             raise ValueError(f"obs[{key!r}] (a covariate) has {n} missing value(s).")
+
+
+def check_var_names(adata: AnnData) -> None:
+    """Unique gene names: genes are matched to models and predictions by name."""
+    if not adata.var_names.is_unique:
+        duplicated = adata.var_names[adata.var_names.duplicated()].unique()
+        raise ValueError(
+            f"adata.var_names has {len(duplicated)} duplicated gene name(s), e.g. "
+            f"{duplicated[:5].tolist()}; genes are matched by name, so make them unique "
+            "(adata.var_names_make_unique()) or drop the duplicates."
+        )
 
 
 def _gene_differences(adata: AnnData, genes: pd.Index) -> str:

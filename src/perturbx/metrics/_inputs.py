@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scipy import sparse
 
 from perturbx.data._parsing import parse_condition
 from perturbx.metrics._baselines import BASELINES
+from perturbx.metrics._pseudobulk import get_expression
 
 #: Column names of the result tables that covariate keys may not reuse.
 RESERVED_COLUMNS = (
@@ -115,3 +117,40 @@ def training_rows(
     if absent:
         raise ValueError(f"train_perturbations not found in real: {absent[:10]!r}.")
     return rows
+
+
+def check_finite(adata: AnnData, layer: str | None, name: str, condition_keys: Sequence[str],
+                 block_rows: int = 4096) -> None:
+    """Raise ``ValueError`` naming the first non-finite value of ``adata``'s expression.
+
+    NaN or infinite values would otherwise change how the whole object is normalised (the
+    counts detection fails on them) or silently drop a condition from the medians. The
+    matrix is read ``block_rows`` rows at a time (sparse: only its stored values), so a
+    large or backed object is never densified.
+    """
+    matrix = get_expression(adata, layer)
+    for start in range(0, adata.n_obs, block_rows):
+        block = matrix[start : start + block_rows]
+        if sparse.issparse(block):
+            block = block.tocoo()
+            bad = np.flatnonzero(~np.isfinite(block.data))
+            if not len(bad):
+                continue
+            row, column, value = block.row[bad[0]], block.col[bad[0]], block.data[bad[0]]
+        else:
+            block = np.asarray(block)
+            bad = np.argwhere(~np.isfinite(block))
+            if not len(bad):
+                continue
+            row, column = bad[0]
+            value = block[row, column]
+        cell = start + int(row)
+        condition = ", ".join(f"{k}={adata.obs[k].iat[cell]!r}" for k in condition_keys
+                              if k is not None and k in adata.obs.columns)
+        where = f"{name}.layers[{layer!r}]" if layer else f"{name}.X"
+        raise ValueError(
+            f"{where} has a non-finite value ({value}) at row {adata.obs_names[cell]!r} "
+            f"({condition}), gene {adata.var_names[int(column)]!r}; "
+            f"{int(len(bad))} non-finite value(s) in rows {start}-"
+            f"{min(start + block_rows, adata.n_obs) - 1} alone. Scores need finite expression."
+        )

@@ -23,7 +23,7 @@ from perturbx.metrics._calibration import DEFAULT_DRF_THRESHOLD, calibrate
 from perturbx.metrics._cells import real_cells, with_centroid_reference
 from perturbx.metrics._de import differential_expression
 from perturbx.metrics._functions import _check_top_k, metric_arrays, metric_info
-from perturbx.metrics._inputs import check_arguments, match_genes, training_rows
+from perturbx.metrics._inputs import check_arguments, check_finite, match_genes, training_rows
 from perturbx.metrics._pseudobulk import (
     DEFAULT_TARGET_SUM,
     condition_table,
@@ -231,6 +231,11 @@ def score(
     covariate_keys = [covariate_keys] if isinstance(covariate_keys, str) else list(
         covariate_keys)
     baselines = list(baselines)
+    condition_keys = [perturbation_key, dose_key, *covariate_keys]
+    for name, adata in (("pred", pred), ("real", real), ("centroid_reference",
+                                                          centroid_reference)):
+        if isinstance(adata, AnnData):
+            check_finite(adata, layer, name, condition_keys)
     if centroid_reference is not None:
         cells, train_perturbations = with_centroid_reference(
             real, centroid_reference, train_perturbations, perturbation_key=perturbation_key,
