@@ -220,8 +220,8 @@ def test_doses_written_two_ways_are_one_condition(trained):
 
 
 # ---------------------------------------------------------- order invariance (property)
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                 HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.randoms(use_true_random=False), st.booleans(), st.booleans(), st.booleans())
 def test_predictions_and_scores_do_not_depend_on_category_obs_or_gene_order(
     trained, rng, shuffle_categories, shuffle_obs, shuffle_genes

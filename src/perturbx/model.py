@@ -538,9 +538,10 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         adata
             AnnData to attach, with the training genes in any order: they are matched by
             name (if the order differs, or there are extra genes, the model attaches a copy
-            with the training genes in the training order); missing genes are an error. ``None``: the AnnData saved with the model if
-            there is one, else the model is loaded without data (it can still predict from
-            new cells given to :meth:`predict`).
+            with the training genes in the training order); missing genes are an error.
+            ``None``: the AnnData saved with the model if there is one, else the model is
+            loaded without data (it can still predict from new cells given to
+            :meth:`predict`).
         accelerator, device
             Where to put the weights: ``"auto"`` (a GPU if there is one), ``"cpu"``,
             ``"gpu"``/``"cuda"``; ``device`` picks the GPU by index.
