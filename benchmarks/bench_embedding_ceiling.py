@@ -63,7 +63,12 @@ def embed_from_table(embedding, rows: torch.Tensor, vectors: torch.Tensor) -> No
 
 
 def fit_held_out_embeddings(
-    model, cells: ad.AnnData, drugs: list[str], *, epochs: int, lr: float,
+    model,
+    cells: ad.AnnData,
+    drugs: list[str],
+    *,
+    epochs: int,
+    lr: float,
     fit_dose_response: bool,
 ) -> None:
     """Replace ``drugs``' encoder embeddings in ``model`` by vectors fitted to ``cells``.
@@ -135,12 +140,19 @@ def interpolate(model, setup, args, seed, test, train_drugs, held_out, weights):
         [(d, x, c) for d in train_drugs for x, c in grid], columns=["drug", "dose", "cell_type"]
     )
     cells = model.predict(
-        controls, target=targets, n_cells_per_target=args.n_source_cells, sample=True,
-        repeat_sources=True, seed=seed,
+        controls,
+        target=targets,
+        n_cells_per_target=args.n_source_cells,
+        sample=True,
+        repeat_sources=True,
+        seed=seed,
     )
     matrix, _ = log_normalise(cells.X, counts=True)
-    keys = pd.MultiIndex.from_frame(cells.obs[["drug", "dose", "cell_type"]].astype(
-        {"drug": str, "dose": float, "cell_type": str}))
+    keys = pd.MultiIndex.from_frame(
+        cells.obs[["drug", "dose", "cell_type"]].astype(
+            {"drug": str, "dose": float, "cell_type": str}
+        )
+    )
     means = pd.DataFrame(np.asarray(matrix), index=keys).groupby(level=[0, 1, 2]).mean()
     rows, obs = [], []
     for i, drug in enumerate(held_out):
@@ -150,8 +162,11 @@ def interpolate(model, setup, args, seed, test, train_drugs, held_out, weights):
             obs.append((drug, dose, cell_type))
     effects = ad.AnnData(
         np.stack(rows).astype(np.float32),
-        obs=pd.DataFrame(obs, columns=["drug", "dose", "cell_type"],
-                         index=[f"interpolated_{k}" for k in range(len(obs))]),
+        obs=pd.DataFrame(
+            obs,
+            columns=["drug", "dose", "cell_type"],
+            index=[f"interpolated_{k}" for k in range(len(obs))],
+        ),
         var=test.var[[]].copy(),
     )
     effects.obs["method"] = "PerturbX (interpolated effects)"
@@ -193,12 +208,14 @@ def run(seed: int, args) -> pd.DataFrame:
         np.stack([features[d] for d in held_out]).astype(np.float64),
         args.interpolation_penalty,
     )
-    interpolated = interpolate(
-        model, setup, args, seed, test, train_drugs, held_out, weights
-    )
+    interpolated = interpolate(model, setup, args, seed, test, train_drugs, held_out, weights)
     fit_held_out_embeddings(
-        model, fresh[fresh.obs["drug"].astype(str).isin(held_out).to_numpy()].copy(), held_out,
-        epochs=args.fit_epochs, lr=args.fit_lr, fit_dose_response=args.fit_dose_response,
+        model,
+        fresh[fresh.obs["drug"].astype(str).isin(held_out).to_numpy()].copy(),
+        held_out,
+        epochs=args.fit_epochs,
+        lr=args.fit_lr,
+        fit_dose_response=args.fit_dose_response,
     )
     fitted = predict_held_out(model, setup, args, seed, test)
     fitted_what = "embeddings and dose responses" if args.fit_dose_response else "embeddings"
@@ -210,8 +227,9 @@ def run(seed: int, args) -> pd.DataFrame:
     predicted = ad.concat([encoder, fitted, *interpolated, linear], join="inner")
     tables = []
     for truth_label, truth in [("test cells", test), (f"fresh ×{args.fresh_truth}", fresh)]:
-        result = score(predicted, truth, method_key="method", centroid_reference=train,
-                       seed=seed, **common)
+        result = score(
+            predicted, truth, method_key="method", centroid_reference=train, seed=seed, **common
+        )
         table = result.per_condition.copy()
         table.insert(0, "seed", seed)
         table.insert(0, "scored_against", truth_label)
@@ -232,10 +250,17 @@ def main() -> None:
     parser.add_argument("--fresh-truth", type=int, default=10)
     parser.add_argument("--fit-epochs", type=int, default=15)
     parser.add_argument("--fit-lr", type=float, default=3e-2)
-    parser.add_argument("--fit-dose-response", action="store_true",
-                        help="also fit the held-out drugs' dose-response parameters")
-    parser.add_argument("--interpolation-penalty", type=float, default=0.03,
-                        help="ridge penalty of the interpolation weights (× mean kernel diagonal)")
+    parser.add_argument(
+        "--fit-dose-response",
+        action="store_true",
+        help="also fit the held-out drugs' dose-response parameters",
+    )
+    parser.add_argument(
+        "--interpolation-penalty",
+        type=float,
+        default=0.03,
+        help="ridge penalty of the interpolation weights (× mean kernel diagonal)",
+    )
     parser.add_argument("--n-source-cells", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/embedding_ceiling")

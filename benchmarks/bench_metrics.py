@@ -38,14 +38,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-conditions", type=int, default=1000)
     parser.add_argument("--n-genes", type=int, default=5000)
-    parser.add_argument("--n-groups", type=int, default=1,
-                        help="covariate groups (centroid accuracy is computed within groups)")
+    parser.add_argument(
+        "--n-groups",
+        type=int,
+        default=1,
+        help="covariate groups (centroid accuracy is computed within groups)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
 
     pred, positive, true, control, centroid, de, groups = make_means(
-        args.n_conditions, args.n_genes, args.n_groups)
+        args.n_conditions, args.n_genes, args.n_groups
+    )
     info = metric_info()
     timings: dict[str, list[float]] = {"model": [], "3 methods + calibration": []}
     for _ in range(args.repeats):
@@ -54,17 +59,24 @@ def main(argv: list[str] | None = None) -> dict:
         timings["model"].append(time.perf_counter() - start)
 
         start = time.perf_counter()
-        tables = {name: score_means(p, true, control, centroid, de, groups=groups)
-                  for name, p in (("model", pred), ("neg", np.broadcast_to(centroid, true.shape)),
-                                  ("pos", positive))}
+        tables = {
+            name: score_means(p, true, control, centroid, de, groups=groups)
+            for name, p in (
+                ("model", pred),
+                ("neg", np.broadcast_to(centroid, true.shape)),
+                ("pos", positive),
+            )
+        }
         values = pd.concat([t[list(info.index)] for t in tables.values()], ignore_index=True)
         methods = pd.Series(np.repeat(list(tables), args.n_conditions))
         conditions = pd.Series(np.tile(np.arange(args.n_conditions).astype(str), len(tables)))
         calibrate(values, methods, conditions, info, negative="neg", positive="pos")
         timings["3 methods + calibration"].append(time.perf_counter() - start)
 
-    print(f"score_means: {args.n_conditions} conditions x {args.n_genes} genes, "
-          f"{args.n_groups} covariate group(s), {len(info)} metrics, {args.repeats} repeats")
+    print(
+        f"score_means: {args.n_conditions} conditions x {args.n_genes} genes, "
+        f"{args.n_groups} covariate group(s), {len(info)} metrics, {args.repeats} repeats"
+    )
     print(f"{'step':<26}{'best (s)':>10}{'median (s)':>12}")
     figures = {}
     for step, values in timings.items():
@@ -72,8 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{step:<26}{min(values):>10.2f}{np.median(values):>12.2f}")
     verdict = "PASS" if figures["model"]["best_s"] < 10 else "FAIL"
     print(f"target: model scoring < 10 s -> {verdict}")
-    result = {"n_conditions": args.n_conditions, "n_genes": args.n_genes,
-              "n_groups": args.n_groups, "timings": figures}
+    result = {
+        "n_conditions": args.n_conditions,
+        "n_genes": args.n_genes,
+        "n_groups": args.n_groups,
+        "timings": figures,
+    }
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

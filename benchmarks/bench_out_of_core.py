@@ -146,8 +146,9 @@ def run_mode(path: str, mode: str, batch_size: int, arch: dict, threads: int) ->
     latent_cells_per_s = adata.n_obs / (time.perf_counter() - latent_start)
     # Held-out cells in memory; the centroid (every training cell) is read from the model's
     # AnnData a block at a time.
-    held_out = adata[np.sort(np.random.default_rng(1).choice(adata.n_obs, EVAL_CELLS,
-                                                             replace=False))].to_memory()
+    held_out = adata[
+        np.sort(np.random.default_rng(1).choice(adata.n_obs, EVAL_CELLS, replace=False))
+    ].to_memory()
     reset_peak()  # evaluate's own peak, not the latent stage's
     before_evaluate = _peak_rss_gib("VmRSS")
     evaluate_start = time.perf_counter()
@@ -179,13 +180,18 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=200_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", default=["backed", "memory"],
-                        choices=["backed", "memory"])
-    parser.add_argument("--small-arch", action="store_true",
-                        help="latent 16, 1 x 64 layers (I/O-bound) instead of CPA's default")
+    parser.add_argument(
+        "--modes", nargs="+", default=["backed", "memory"], choices=["backed", "memory"]
+    )
+    parser.add_argument(
+        "--small-arch",
+        action="store_true",
+        help="latent 16, 1 x 64 layers (I/O-bound) instead of CPA's default",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--file", default=None,
-                        help="existing h5ad written by this script (else a temporary one)")
+    parser.add_argument(
+        "--file", default=None, help="existing h5ad written by this script (else a temporary one)"
+    )
     parser.add_argument("--json", default=None, help="write results to this JSON file")
     parser.add_argument("--_child", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -212,12 +218,24 @@ def main() -> None:
             n_cells, n_genes = (int(v) for v in store["X"].attrs["shape"])
             csr_gib = sum(store["X"][k].nbytes for k in ("data", "indices", "indptr")) / 2**30
         dense_gib = n_cells * n_genes * 4 / 2**30
-        print(f"{n_cells} cells x {n_genes} genes: dense float32 {dense_gib:.2f} GiB, "
-              f"CSR {csr_gib:.2f} GiB, file {path.stat().st_size / 2**30:.2f} GiB", flush=True)
+        print(
+            f"{n_cells} cells x {n_genes} genes: dense float32 {dense_gib:.2f} GiB, "
+            f"CSR {csr_gib:.2f} GiB, file {path.stat().st_size / 2**30:.2f} GiB",
+            flush=True,
+        )
         rows = []
         for mode in args.modes:
-            command = [sys.executable, __file__, "--_child", str(path), mode,
-                       "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+            command = [
+                sys.executable,
+                __file__,
+                "--_child",
+                str(path),
+                mode,
+                "--batch-size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+            ]
             if args.small_arch:
                 command.append("--small-arch")
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -225,17 +243,24 @@ def main() -> None:
             rows.append(json.loads(line.removeprefix("RESULT ")))
             print(rows[-1], flush=True)
 
-    print(f"\n{'mode':>7} {'train cells/s':>13} {'latent cells/s':>14} {'read cells/s':>12} "
-          f"{'peak RSS GiB':>12} {'growth GiB':>10} {'evaluate s':>10} {'eval growth GiB':>15}")
+    print(
+        f"\n{'mode':>7} {'train cells/s':>13} {'latent cells/s':>14} {'read cells/s':>12} "
+        f"{'peak RSS GiB':>12} {'growth GiB':>10} {'evaluate s':>10} {'eval growth GiB':>15}"
+    )
     for r in rows:
-        print(f"{r['mode']:>7} {r['train_cells_per_s']:>13} {r['latent_cells_per_s']:>14} "
-              f"{r['read_cells_per_s']:>12} {r['peak_rss_gib']:>12} "
-              f"{r['peak_rss_growth_gib']:>10} {r['evaluate_seconds']:>10} "
-              f"{r['evaluate_peak_rss_growth_gib']:>15}")
+        print(
+            f"{r['mode']:>7} {r['train_cells_per_s']:>13} {r['latent_cells_per_s']:>14} "
+            f"{r['read_cells_per_s']:>12} {r['peak_rss_gib']:>12} "
+            f"{r['peak_rss_growth_gib']:>10} {r['evaluate_seconds']:>10} "
+            f"{r['evaluate_peak_rss_growth_gib']:>15}"
+        )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"dense_gib": dense_gib, "csr_gib": csr_gib,
-                       "architecture": arch, "runs": rows}, fh, indent=2)
+            json.dump(
+                {"dense_gib": dense_gib, "csr_gib": csr_gib, "architecture": arch, "runs": rows},
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

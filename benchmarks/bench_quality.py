@@ -88,8 +88,12 @@ def simulator(args, seed):
         n_cells=args.sim_cells, n_genes=args.sim_genes, n_drugs=args.n_drugs, seed=seed
     )
     split_unseen_perturbations(
-        adata, "drug", dose_key="dose", n_held_out=args.n_held_out,
-        covariate_keys=["cell_type"], seed=seed,
+        adata,
+        "drug",
+        dose_key="dose",
+        n_held_out=args.n_held_out,
+        covariate_keys=["cell_type"],
+        seed=seed,
     )
     setup = dict(perturbation_key="drug", dose_key="dose", covariate_keys=["cell_type"])
     return adata, setup, {"likelihood": "nb"}
@@ -102,8 +106,13 @@ def lincs(args, seed):
 
     adata = lincs_a375()
     split_unseen_perturbations(
-        adata, "perturbation", dose_key="dose", n_held_out=args.n_held_out,
-        require_key="has_smiles", covariate_keys=["cell_type"], seed=seed,
+        adata,
+        "perturbation",
+        dose_key="dose",
+        n_held_out=args.n_held_out,
+        require_key="has_smiles",
+        covariate_keys=["cell_type"],
+        seed=seed,
     )
     setup = dict(perturbation_key="perturbation", dose_key="dose", covariate_keys=["cell_type"])
     return adata, setup, {"likelihood": "gaussian"}
@@ -120,8 +129,12 @@ def norman(args, seed):
     singles = {n[0] for n in names.values() if len(n) == 1}
     doubles = [c for c, n in names.items() if len(n) == 2 and set(n) <= singles]
     split_unseen_combinations(
-        adata, "perturbation", dose_key="dose", held_out=doubles,
-        covariate_keys=["cell_type"], seed=seed,
+        adata,
+        "perturbation",
+        dose_key="dose",
+        held_out=doubles,
+        covariate_keys=["cell_type"],
+        seed=seed,
     )
     setup = dict(perturbation_key="perturbation", dose_key="dose", covariate_keys=["cell_type"])
     return adata, setup, {"likelihood": "gaussian"}
@@ -142,8 +155,10 @@ def fresh_simulator_truth(args, seed, test):
     from perturbx.data import simulate_drug_screen
 
     large = simulate_drug_screen(
-        n_cells=args.sim_cells * args.fresh_truth, n_genes=args.sim_genes,
-        n_drugs=args.n_drugs, seed=seed,
+        n_cells=args.sim_cells * args.fresh_truth,
+        n_genes=args.sim_genes,
+        n_drugs=args.n_drugs,
+        seed=seed,
     )
     keep = large.obs["drug"].astype(str).isin(set(test.obs["drug"].astype(str)))
     return large[keep.to_numpy()].copy()
@@ -169,8 +184,11 @@ def train_model(adata, setup, model_kwargs, args, seed):
     model = PerturbX(adata, **{**model_kwargs, **args.model_kwargs})
     start = time.perf_counter()
     model.train(
-        max_epochs=args.epochs[args.current], split_key="split", seed=seed,
-        enable_progress_bar=False, plan_kwargs=args.plan_kwargs or None,
+        max_epochs=args.epochs[args.current],
+        split_key="split",
+        seed=seed,
+        enable_progress_bar=False,
+        plan_kwargs=args.plan_kwargs or None,
         **({"batch_size": args.batch_size} if args.batch_size else {}),
     )
     return model, time.perf_counter() - start
@@ -233,7 +251,10 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
         members = [models[name]]
         for k in range(1, args.ensemble):
             member, member_seconds = train_model(
-                adata, variants[name], {**model_kwargs, **variant_kwargs.get(name, {})}, args,
+                adata,
+                variants[name],
+                {**model_kwargs, **variant_kwargs.get(name, {})},
+                args,
                 seed + 1000 * k,
             )
             members.append(member)
@@ -261,14 +282,22 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
     tables, calibration = [], {}
     for label, truth in truths.items():
         result = score(
-            predicted, truth, method_key="method", centroid_reference=train, seed=seed, **common,
+            predicted,
+            truth,
+            method_key="method",
+            centroid_reference=train,
+            seed=seed,
+            **common,
         )
         per_condition = result.per_condition.copy()
         normalised = result.normalised[["method", "condition", *result.metrics]]
         normalised = normalised.rename(columns={m: f"{m}__normalised" for m in result.metrics})
         per_condition = pd.concat(
-            [per_condition.reset_index(drop=True),
-             normalised.drop(columns=["method", "condition"]).reset_index(drop=True)], axis=1,
+            [
+                per_condition.reset_index(drop=True),
+                normalised.drop(columns=["method", "condition"]).reset_index(drop=True),
+            ],
+            axis=1,
         )
         per_condition.insert(0, "seed", seed)
         per_condition.insert(0, "dataset", label)
@@ -276,7 +305,9 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
         calibration[label] = result.calibration["median_drf"].to_dict()
     per_condition = pd.concat(tables, ignore_index=True)
     info = {
-        "dataset": dataset, "seed": seed, "train_seconds": seconds,
+        "dataset": dataset,
+        "seed": seed,
+        "train_seconds": seconds,
         "n_held_out_conditions": int(per_condition["condition"].nunique()),
         "calibration": calibration,
     }
@@ -292,13 +323,15 @@ def summarise(per_condition: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         everything = per_condition[per_condition["dataset"] == dataset]
         for metric in metrics:
             values = part[metric]
-            wide = everything.pivot_table(index=keys, columns="method", values=metric,
-                                          dropna=False)
+            wide = everything.pivot_table(index=keys, columns="method", values=metric, dropna=False)
             sign = -1 if metric in LOWER_IS_BETTER else 1
             row = {
-                "dataset": dataset, "method": method, "metric": metric,
+                "dataset": dataset,
+                "method": method,
+                "metric": metric,
                 "median": values.median(),
-                "q25": values.quantile(0.25), "q75": values.quantile(0.75),
+                "q25": values.quantile(0.25),
+                "q75": values.quantile(0.75),
                 "seed_medians_sd": part.groupby("seed")[metric].median().std(),
                 "normalised_median": part[f"{metric}__normalised"].median(),
                 "n": int(values.notna().sum()),
@@ -307,7 +340,8 @@ def summarise(per_condition: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                 if reference in wide and reference != method:
                     both = wide[[method, reference]].dropna()
                     row[f"beats_{reference}"] = (
-                        (sign * (both[method] - both[reference]) > 0).mean() if len(both)
+                        (sign * (both[method] - both[reference]) > 0).mean()
+                        if len(both)
                         else np.nan
                     )
             rows.append(row)
@@ -318,8 +352,12 @@ def markdown(summary: pd.DataFrame, metrics: list[str]) -> str:
     """A README table: median [IQR] per dataset × method × metric."""
     lines = []
     for dataset, part in summary.groupby("dataset", sort=False):
-        lines += [f"**{dataset}**", "", "| method | " + " | ".join(metrics) + " |",
-                  "|---|" + "---|" * len(metrics)]
+        lines += [
+            f"**{dataset}**",
+            "",
+            "| method | " + " | ".join(metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+        ]
         for method, rows in part.groupby("method", sort=False):
             rows = rows.set_index("metric")
             cells = []
@@ -351,26 +389,36 @@ def main() -> None:
     parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON")
     parser.add_argument("--plan-kwargs", type=json.loads, default={}, help="JSON")
     parser.add_argument(
-        "--learned-only", action=argparse.BooleanOptionalAction, default=True,
+        "--learned-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also train PerturbX without SMILES on drug screens (--no-learned-only: skip)",
     )
     parser.add_argument(
-        "--linear-head", action=argparse.BooleanOptionalAction, default=True,
+        "--linear-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also train PerturbX with linear_shift_head=True, unseen_molecules='ridge' on "
-             "drug screens (--no-linear-head: skip)",
+        "drug screens (--no-linear-head: skip)",
     )
     parser.add_argument(
-        "--ensemble", type=int, default=1,
+        "--ensemble",
+        type=int,
+        default=1,
         help="also score ensembles of this many models of each fingerprint variant (drug "
-             "screens; 1: none)",
+        "screens; 1: none)",
     )
     parser.add_argument(
-        "--n-source-cells", type=int, default=3000,
+        "--n-source-cells",
+        type=int,
+        default=3000,
         help="predicted cells per held-out condition (counts models: NB draws, whose mean "
-             "carries Monte-Carlo error ~ 1/sqrt(n))",
+        "carries Monte-Carlo error ~ 1/sqrt(n))",
     )
     parser.add_argument(
-        "--fresh-truth", type=int, default=10,
+        "--fresh-truth",
+        type=int,
+        default=10,
         help="simulator: also score against a fresh sample this many times larger (0: off)",
     )
     parser.add_argument("--threads", type=int, default=1)
@@ -382,7 +430,8 @@ def main() -> None:
     # Metrics undefined for a method (e.g. correlations of a constant delta) are NaN.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     args.epochs = {
-        "simulator": args.epochs_simulator, "lincs": args.epochs_lincs,
+        "simulator": args.epochs_simulator,
+        "lincs": args.epochs_lincs,
         "norman": args.epochs_norman,
     }
 
@@ -394,8 +443,11 @@ def main() -> None:
             tables.append(table)
             infos.append(info)
             timing = ", ".join(f"{k} {v:.0f} s" for k, v in info["train_seconds"].items())
-            print(f"{dataset} seed {seed}: {info['n_held_out_conditions']} held-out "
-                  f"conditions, training {timing}", flush=True)
+            print(
+                f"{dataset} seed {seed}: {info['n_held_out_conditions']} held-out "
+                f"conditions, training {timing}",
+                flush=True,
+            )
     per_condition = pd.concat(tables, ignore_index=True)
     summary = summarise(per_condition, KEY_METRICS)
     wall = time.perf_counter() - start
@@ -403,8 +455,9 @@ def main() -> None:
     del args.current
     settings = {k: v for k, v in vars(args).items()}
     print(f"\nsettings: {json.dumps(settings)}; wall {wall:.0f} s\n")
-    with pd.option_context("display.width", 220, "display.max_columns", 20,
-                           "display.max_rows", 500):
+    with pd.option_context(
+        "display.width", 220, "display.max_columns", 20, "display.max_rows", 500
+    ):
         print(summary.round(3).to_string(index=False))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -412,13 +465,16 @@ def main() -> None:
     summary.to_csv(f"{out}_summary.csv", index=False)
     # Quoted as a shell would need it (JSON arguments contain spaces and quotes).
     command = shlex.join(["python", "benchmarks/bench_quality.py", *sys.argv[1:]])
-    header = (f"Command: `{command}`"
-              f" (wall {wall / 60:.0f} min, {args.threads} thread(s)). Median [IQR] over "
-              "held-out conditions × seeds; in brackets the median normalised score "
-              "(0 = mean baseline, 1 = positive control).\n\n")
+    header = (
+        f"Command: `{command}`"
+        f" (wall {wall / 60:.0f} min, {args.threads} thread(s)). Median [IQR] over "
+        "held-out conditions × seeds; in brackets the median normalised score "
+        "(0 = mean baseline, 1 = positive control).\n\n"
+    )
     Path(f"{out}.md").write_text(header + markdown(summary, KEY_METRICS))
-    Path(f"{out}.json").write_text(json.dumps({"settings": settings, "runs": infos}, indent=2,
-                                              default=str))
+    Path(f"{out}.json").write_text(
+        json.dumps({"settings": settings, "runs": infos}, indent=2, default=str)
+    )
 
 
 if __name__ == "__main__":

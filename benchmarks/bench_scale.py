@@ -122,8 +122,11 @@ def main() -> None:
     parser.add_argument("--cells-per-target", type=int, default=10_000)
     parser.add_argument("--skip-evaluate", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="keep glibc's dynamic mmap threshold (RSS then overstates use)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's dynamic mmap threshold (RSS then overstates use)",
+    )
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,15 +154,28 @@ def main() -> None:
     )
     model = measure(
         "PerturbX(adata) incl. input checks",
-        lambda: PerturbX(adata, n_latent=8, n_hidden=32, n_layers=1, drug_encoder_hidden=32,
-                         adversary_hidden=16, adversary_layers=1),
+        lambda: PerturbX(
+            adata,
+            n_latent=8,
+            n_hidden=32,
+            n_layers=1,
+            drug_encoder_hidden=32,
+            adversary_hidden=16,
+            adversary_layers=1,
+        ),
         results,
     )
     measure(
         f"train ({args.train_steps} steps, batch 256)",
-        lambda: model.train(max_epochs=1, max_steps=args.train_steps, batch_size=256,
-                            train_size=0.99, enable_progress_bar=False,
-                            check_val_every_n_epoch=None, enable_model_summary=False),
+        lambda: model.train(
+            max_epochs=1,
+            max_steps=args.train_steps,
+            batch_size=256,
+            train_size=0.99,
+            enable_progress_bar=False,
+            check_val_every_n_epoch=None,
+            enable_model_summary=False,
+        ),
         results,
     )
     measure(
@@ -171,36 +187,45 @@ def main() -> None:
     n_controls = int((adata.obs["drug"] == "control").sum())
     measure(
         f"predict 1 target from all {n_controls} controls",
-        lambda: model.predict(target={"drug": "aspirin", "dose": 1.0},
-                              batch_size=args.batch_size),
+        lambda: model.predict(target={"drug": "aspirin", "dose": 1.0}, batch_size=args.batch_size),
         results,
         note=lambda p: f"output {np.asarray(p.X).nbytes / MIB:.0f} MiB",
     )
     targets = [{"drug": d, "dose": 1.0} for d in DRUG_SMILES] + [{"drug": "CCO", "dose": 1.0}]
     measure(
         f"predict {len(targets)} targets x {args.cells_per_target} cells",
-        lambda: model.predict(target=targets, n_cells_per_target=args.cells_per_target,
-                              batch_size=args.batch_size),
+        lambda: model.predict(
+            target=targets, n_cells_per_target=args.cells_per_target, batch_size=args.batch_size
+        ),
         results,
         note=lambda p: f"output {np.asarray(p.X).nbytes / MIB:.0f} MiB",
     )
     if not args.skip_evaluate:
         measure(
             "evaluate (all cells; 500 cells per condition)",
-            lambda: model.evaluate(adata, n_cells_per_target=500, batch_size=args.batch_size,
-                                   baselines=("control_mean",)),
+            lambda: model.evaluate(
+                adata,
+                n_cells_per_target=500,
+                batch_size=args.batch_size,
+                baselines=("control_mean",),
+            ),
             results,
             note=lambda r: f"{r.per_condition['condition'].nunique()} conditions",
         )
 
     table = pd.DataFrame(results)
-    print(f"\nperturbx {perturbx.__version__}: {args.n_cells:,} cells x {args.n_genes} genes, "
-          f"batch {args.batch_size}, {args.threads} thread(s), "
-          f"{'fixed' if fixed_threshold else 'default glibc'} mmap threshold")
+    print(
+        f"\nperturbx {perturbx.__version__}: {args.n_cells:,} cells x {args.n_genes} genes, "
+        f"batch {args.batch_size}, {args.threads} thread(s), "
+        f"{'fixed' if fixed_threshold else 'default glibc'} mmap threshold"
+    )
     print(table.to_string(index=False))
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

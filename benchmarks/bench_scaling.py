@@ -40,8 +40,14 @@ from bench_training import CPA_ARCHITECTURE
 HERE = Path(__file__).resolve().parent
 
 
-def child(n_cells: int, n_genes: int, epochs: int, batch_size: int, threads: int,
-          fixed_mmap_threshold: bool) -> dict:
+def child(
+    n_cells: int,
+    n_genes: int,
+    epochs: int,
+    batch_size: int,
+    threads: int,
+    fixed_mmap_threshold: bool,
+) -> dict:
     """One size, in this process: build, set up, train, predict; returns the figures."""
     import torch
 
@@ -55,15 +61,27 @@ def child(n_cells: int, n_genes: int, epochs: int, batch_size: int, threads: int
     if fixed_mmap_threshold:
         fix_mmap_threshold()
     adata = screen(n_cells, n_genes)
-    PerturbX.setup_anndata(adata, perturbation_key="drug", dose_key="dose",
-                           smiles_key="smiles", covariate_keys=["cell_type"])
+    PerturbX.setup_anndata(
+        adata,
+        perturbation_key="drug",
+        dose_key="dose",
+        smiles_key="smiles",
+        covariate_keys=["cell_type"],
+    )
     model = PerturbX(adata, **CPA_ARCHITECTURE)
     before = _status_kib("VmRSS") / 2**20
     reset_peak()
     timer = EpochTimer()
-    model.train(max_epochs=epochs, batch_size=batch_size, train_size=1.0,
-                check_val_every_n_epoch=None, callbacks=[timer], enable_progress_bar=False,
-                enable_model_summary=False, seed=0)
+    model.train(
+        max_epochs=epochs,
+        batch_size=batch_size,
+        train_size=1.0,
+        check_val_every_n_epoch=None,
+        callbacks=[timer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        seed=0,
+    )
     train_peak = _status_kib("VmHWM") / 2**20
     cells_per_s = n_cells * epochs / sum(timer.times)
 
@@ -92,22 +110,34 @@ def main() -> None:
     )
     parser.add_argument("--cells", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--genes", type=int, nargs="+", default=[2_000])
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="default: enough for >= 200,000 cells, at least 1")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: enough for >= 200,000 cells, at least 1"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--fixed-mmap-threshold", action="store_true",
+        "--fixed-mmap-threshold",
+        action="store_true",
         help="glibc mmap threshold fixed at 64 KiB (RSS then reflects memory in use, but every "
-             "minibatch tensor is a fresh mmap: training runs slower; see bench_scale.py)",
+        "minibatch tensor is a fresh mmap: training runs slower; see bench_scale.py)",
     )
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", type=int, nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         n_cells, n_genes, epochs = args.child
-        print(json.dumps(child(n_cells, n_genes, epochs, args.batch_size, args.threads,
-                               args.fixed_mmap_threshold)))
+        print(
+            json.dumps(
+                child(
+                    n_cells,
+                    n_genes,
+                    epochs,
+                    args.batch_size,
+                    args.threads,
+                    args.fixed_mmap_threshold,
+                )
+            )
+        )
         return
 
     import torch
@@ -117,17 +147,31 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     peak = matmul_gflops()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), dense matmul {peak:.0f} GFLOP/s",
-          flush=True)
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), dense matmul {peak:.0f} GFLOP/s",
+        flush=True,
+    )
     rows = []
     sizes = [(c, g) for g in args.genes for c in args.cells]
     for n_cells, n_genes in sizes:
         epochs = args.epochs or max(1, 200_000 // n_cells)
         out = subprocess.run(
-            [sys.executable, __file__, "--child", str(n_cells), str(n_genes), str(epochs),
-             "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-             *(["--fixed-mmap-threshold"] if args.fixed_mmap_threshold else [])],
-            capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(n_cells),
+                str(n_genes),
+                str(epochs),
+                "--batch-size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+                *(["--fixed-mmap-threshold"] if args.fixed_mmap_threshold else []),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if out.returncode != 0:
             print(out.stderr[-3000:])
@@ -137,9 +181,19 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
 
-    columns = ["n_cells", "n_genes", "epochs", "train_cells_per_s", "seconds_per_million_cells",
-               "gflops", "fraction_of_matmul", "rss_before_train_gib", "train_added_gib",
-               "peak_rss_gib", "predict_cells_per_s"]
+    columns = [
+        "n_cells",
+        "n_genes",
+        "epochs",
+        "train_cells_per_s",
+        "seconds_per_million_cells",
+        "gflops",
+        "fraction_of_matmul",
+        "rss_before_train_gib",
+        "train_added_gib",
+        "peak_rss_gib",
+        "predict_cells_per_s",
+    ]
     print("\n" + " | ".join(columns))
     for r in rows:
         print(" | ".join(str(r[c]) for c in columns))

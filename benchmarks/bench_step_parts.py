@@ -43,8 +43,13 @@ def build(n_cells: int, n_genes: int, batch_size: int, n_batches: int, seed: int
     from perturbx.train import PerturbXTrainingPlan
 
     adata = perturbx.data.simulate_drug_screen(n_cells=n_cells, n_genes=n_genes, seed=seed)
-    perturbx.PerturbX.setup_anndata(adata, perturbation_key="drug", dose_key="dose",
-                                    smiles_key="smiles", covariate_keys=["cell_type"])
+    perturbx.PerturbX.setup_anndata(
+        adata,
+        perturbation_key="drug",
+        dose_key="dose",
+        smiles_key="smiles",
+        covariate_keys=["cell_type"],
+    )
     model = perturbx.PerturbX(adata, **CPA_ARCHITECTURE)
     loader = model._make_data_loader(adata, batch_size=batch_size, shuffle=True)
     batches = [batch for _, batch in zip(range(n_batches), loader, strict=False)]
@@ -126,15 +131,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--n-batches", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the autoencoder step with a compiled forward")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the autoencoder step with a compiled forward",
+    )
     args = parser.parse_args()
 
     plan, (autoencoder_opt, adversary_opt), batches = build(
         args.n_cells, args.n_genes, args.batch_size, args.n_batches
     )
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{len(batches)} batches of {args.batch_size} cells")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{len(batches)} batches of {args.batch_size} cells"
+    )
     variants = {"eager": None}
     if args.compile:
         compiled = torch.compile(autoencoder_forward)
@@ -151,7 +161,8 @@ def main() -> None:
             for part, seconds in clock.totals.items():
                 per_round[f"{name} autoencoder step: {part}"].append(seconds / len(batches))
             per_round[f"{name} autoencoder step: total"].append(
-                sum(clock.totals.values()) / len(batches))
+                sum(clock.totals.values()) / len(batches)
+            )
         clock = Clock()
         for batch in batches:
             adversary_step(plan, adversary_opt, batch, clock)

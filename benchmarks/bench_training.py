@@ -64,9 +64,7 @@ def model_flops_per_cell(module: torch.nn.Module, adversary_every: int) -> float
             adversary += macs
         elif name.startswith("encoder"):
             encoder += macs
-        elif name.startswith(
-            ("decoder", "scale_head", "mean_head", "dropout_head")
-        ):
+        elif name.startswith(("decoder", "scale_head", "mean_head", "dropout_head")):
             decoder += macs
     autoencoder_step = 3 * (encoder + decoder + adversary)
     adversary_step = encoder + 5 * adversary
@@ -100,8 +98,13 @@ def compound_library(n_drugs: int) -> pd.DataFrame:
 
     from perturbx.datasets import fetch_file
 
-    table = pd.read_csv(fetch_file("lincs_drugs_smiles.csv"), header=None,
-                        names=["name", "smiles"], dtype=str, skipinitialspace=True).dropna()
+    table = pd.read_csv(
+        fetch_file("lincs_drugs_smiles.csv"),
+        header=None,
+        names=["name", "smiles"],
+        dtype=str,
+        skipinitialspace=True,
+    ).dropna()
     with rdBase.BlockLogs():
         valid = table[[Chem.MolFromSmiles(s) is not None for s in table["smiles"]]]
     valid = valid.drop_duplicates("smiles")
@@ -158,18 +161,29 @@ def main() -> None:
     parser.add_argument("--n-cells", type=int, default=20_000)
     parser.add_argument("--n-genes", type=int, default=2_000)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--n-drugs", type=int, default=DEFAULT_N_DRUGS,
-                        help=f"compound library size (above {DEFAULT_N_DRUGS}: LINCS structures)")
+    parser.add_argument(
+        "--n-drugs",
+        type=int,
+        default=DEFAULT_N_DRUGS,
+        help=f"compound library size (above {DEFAULT_N_DRUGS}: LINCS structures)",
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="train this many times per batch size; report median and range")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="train this many times per batch size; report median and range",
+    )
     parser.add_argument("--json", default=None, help="write results to this JSON file")
     parser.add_argument(
-        "--model-kwargs", type=json.loads, default={},
-        help='JSON merged into the architecture, e.g. \'{"variational": false}\'',
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON merged into the architecture, e.g. '{\"variational\": false}'",
     )
     parser.add_argument(
-        "--precision", default="32",
+        "--precision",
+        default="32",
         help='Lightning precision, e.g. "bf16-mixed" (bfloat16 matmuls under autocast)',
     )
     args = parser.parse_args()
@@ -183,8 +197,15 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         runs = [
-            run(args.n_cells, args.n_genes, batch_size, args.epochs, arch,
-                precision=args.precision, n_drugs=args.n_drugs)
+            run(
+                args.n_cells,
+                args.n_genes,
+                batch_size,
+                args.epochs,
+                arch,
+                precision=args.precision,
+                n_drugs=args.n_drugs,
+            )
             for _ in range(args.repeats)
         ]
         speeds = [cells_per_s for cells_per_s, _ in runs]
@@ -218,8 +239,9 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"matmul_gflops": peak_matmul, "architecture": arch, "runs": rows}, fh,
-                      indent=2)
+            json.dump(
+                {"matmul_gflops": peak_matmul, "architecture": arch, "runs": rows}, fh, indent=2
+            )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,20 @@ import argparse
 import pandas as pd
 from scipy.stats import wilcoxon
 
-ORDER = ["PerturbX", "PerturbX (learned only)", "linear", "perturbed_centroid", "control_mean",
-         "interpolated_duplicate"]
-NAMES = {"perturbed_centroid": "mean baseline (perturbed centroid)",
-         "control_mean": "control mean",
-         "interpolated_duplicate": "positive control (interpolated duplicate)",
-         "linear": "linear (ridge / additive)"}
+ORDER = [
+    "PerturbX",
+    "PerturbX (learned only)",
+    "linear",
+    "perturbed_centroid",
+    "control_mean",
+    "interpolated_duplicate",
+]
+NAMES = {
+    "perturbed_centroid": "mean baseline (perturbed centroid)",
+    "control_mean": "control mean",
+    "interpolated_duplicate": "positive control (interpolated duplicate)",
+    "linear": "linear (ridge / additive)",
+}
 
 
 def ordered(methods) -> list[str]:
@@ -41,8 +49,12 @@ def ordered(methods) -> list[str]:
 
 
 LOWER_IS_BETTER = {"weighted_mse"}
-METRICS = ["weighted_mse", "weighted_r2_delta_centroid", "pearson_delta_centroid_top20",
-           "centroid_accuracy"]
+METRICS = [
+    "weighted_mse",
+    "weighted_r2_delta_centroid",
+    "pearson_delta_centroid_top20",
+    "centroid_accuracy",
+]
 
 
 def rows(prefix: str) -> list[str]:
@@ -52,15 +64,17 @@ def rows(prefix: str) -> list[str]:
     out = []
     for dataset, part in summary.groupby("dataset", sort=False):
         wide = per_condition[per_condition["dataset"] == dataset].pivot_table(
-            index=["seed", "condition"], columns="method", values="weighted_mse", dropna=False)
+            index=["seed", "condition"], columns="method", values="weighted_mse", dropna=False
+        )
         ours = "PerturbX" if "PerturbX" in wide else "PerturbX (learned only)"
         for method in ordered(part["method"]):
             medians = part[part["method"] == method].set_index("metric")["median"]
             cells = ["—" if pd.isna(medians[m]) else f"{medians[m]:.3f}" for m in METRICS]
             both = wide[[ours, method]].dropna() if method != ours else None
             win = "—" if both is None or both.empty else f"{(both[ours] < both[method]).mean():.0%}"
-            out.append(f"| {dataset} | {NAMES.get(method, method)} | " + " | ".join(cells)
-                       + f" | {win} |")
+            out.append(
+                f"| {dataset} | {NAMES.get(method, method)} | " + " | ".join(cells) + f" | {win} |"
+            )
     return out
 
 
@@ -76,13 +90,18 @@ def dose_rows(prefix: str) -> list[str]:
         doses = pd.to_numeric(part["dose"], errors="coerce")
         if doses.isna().any():
             continue  # combinations ("1+1"): no single dose axis
-        medians = part.assign(dose=doses).groupby(["dose", "method"])[
-            ["weighted_mse", "weighted_r2_delta_centroid"]].median()
+        medians = (
+            part.assign(dose=doses)
+            .groupby(["dose", "method"])[["weighted_mse", "weighted_r2_delta_centroid"]]
+            .median()
+        )
         methods = ordered(part["method"])
         if out:
             out.append("")
-        out += ["| dataset | dose | " + " | ".join(NAMES.get(m, m) for m in methods) + " |",
-                "|---|---|" + "---|" * len(methods)]
+        out += [
+            "| dataset | dose | " + " | ".join(NAMES.get(m, m) for m in methods) + " |",
+            "|---|---|" + "---|" * len(methods),
+        ]
         for dose in sorted(doses.unique()):
             cells = []
             for m in methods:
@@ -122,15 +141,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("prefixes", nargs="+", help="--out prefixes of bench_quality.py")
-    parser.add_argument("--by-dose", action="store_true",
-                        help="weighted MSE / weighted R² per dose instead")
-    parser.add_argument("--paired", nargs=2, metavar=("A", "B"),
-                        help="method A against method B, condition by condition, instead")
+    parser.add_argument(
+        "--by-dose", action="store_true", help="weighted MSE / weighted R² per dose instead"
+    )
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        metavar=("A", "B"),
+        help="method A against method B, condition by condition, instead",
+    )
     args = parser.parse_args()
     if args.paired:
         first, second = args.paired
-        print(f"| dataset | metric | median {first} | median {second} | mean difference | "
-              "A better | tie | Wilcoxon p | conditions |")
+        print(
+            f"| dataset | metric | median {first} | median {second} | mean difference | "
+            "A better | tie | Wilcoxon p | conditions |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for prefix in args.prefixes:
             print("\n".join(paired_rows(prefix, first, second)))
@@ -139,8 +165,10 @@ def main() -> None:
         for prefix in args.prefixes:
             print("\n".join(dose_rows(prefix)))
         return
-    print("| dataset | method | weighted MSE ↓ | weighted R² Δ vs centroid ↑ | "
-          "Pearson Δ vs centroid, top-20 DE ↑ | centroid accuracy ↑ | PerturbX wins (wMSE) |")
+    print(
+        "| dataset | method | weighted MSE ↓ | weighted R² Δ vs centroid ↑ | "
+        "Pearson Δ vs centroid, top-20 DE ↑ | centroid accuracy ↑ | PerturbX wins (wMSE) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for prefix in args.prefixes:
         print("\n".join(rows(prefix)))

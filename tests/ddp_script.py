@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from perturbx import PerturbX  # noqa: E402
 from perturbx.data import simulate_drug_screen  # noqa: E402
-from perturbx.train import NonFiniteLossError, _average_gradients  # noqa: E402
+from perturbx.train import NonFiniteLossError, average_gradients  # noqa: E402
 
 N_CELLS, N_GENES, N_VALIDATION, N_TEST = 800, 60, 120, 80
 BATCH_SIZE, MAX_EPOCHS, ADVERSARY_EVERY = 32, 6, 3
@@ -89,13 +89,13 @@ def validation_reconstruction(model: PerturbX) -> float:
 
 
 def averaged_gradients(rank: int) -> list[list[float] | None]:
-    """``_average_gradients`` on hand-set gradients: ``a`` has rank + 1 on each rank, ``b``
+    """``average_gradients`` on hand-set gradients: ``a`` has rank + 1 on each rank, ``b``
     4 on rank 1 only (none on rank 0), ``c`` none anywhere."""
     a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
     a.grad = torch.full((2,), rank + 1.0)
     if rank == 1:
         b.grad = torch.full((2,), 4.0)
-    _average_gradients([a, b, c], world_size=2)
+    average_gradients([a, b, c], world_size=2)
     return [None if p.grad is None else p.grad.tolist() for p in (a, b, c)]
 
 

@@ -20,7 +20,7 @@ from scipy import sparse
 from _toy import SMALL_ARCH, TOY_SMILES, setup_toy, toy_screen
 from perturbx import PerturbX
 from perturbx.chem import InvalidSmilesError
-from perturbx.data._parsing import MAX_DOSE, ConditionParseError
+from perturbx.conditions import MAX_DOSE, ConditionParseError
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +221,10 @@ CASES = {
     ),
     # --- PerturbX(adata): expression values
     "NaN in X": BadInput(
-        _dense_with(np.nan), _init(likelihood="gaussian"), ValueError, "adata.X.*NaN",
+        _dense_with(np.nan),
+        _init(likelihood="gaussian"),
+        ValueError,
+        "adata.X.*NaN",
         prepare=setup_toy,
     ),
     "Inf in sparse X": BadInput(
@@ -282,76 +285,113 @@ CASES = {
     ),
     # --- round two (issue 31): arguments of predict and the embedding queries
     "NaN target dose": BadInput(
-        _nothing, _predict(target={"drug": "aspirin", "dose": np.nan}), ValueError,
+        _nothing,
+        _predict(target={"drug": "aspirin", "dose": np.nan}),
+        ValueError,
         "'dose' of 'aspirin' is missing",
     ),
     "None target dose in a list": BadInput(
-        _nothing, _predict(target=[{"drug": "aspirin", "dose": None}, {"drug": "caffeine"}]),
-        ValueError, "row 0.*'dose' of 'aspirin' is missing",
+        _nothing,
+        _predict(target=[{"drug": "aspirin", "dose": None}, {"drug": "caffeine"}]),
+        ValueError,
+        "row 0.*'dose' of 'aspirin' is missing",
     ),
-    "library_size zero": BadInput(_nothing, _predict(library_size=0), ValueError,
-                                  "library_size=0"),
-    "library_size negative": BadInput(_nothing, _predict(library_size=-1e4), ValueError,
-                                      "library_size=-10000"),
-    "library_size misspelled": BadInput(_nothing, _predict(library_size="observd"), ValueError,
-                                        "library_size='observd'"),
+    "library_size zero": BadInput(_nothing, _predict(library_size=0), ValueError, "library_size=0"),
+    "library_size negative": BadInput(
+        _nothing, _predict(library_size=-1e4), ValueError, "library_size=-10000"
+    ),
+    "library_size misspelled": BadInput(
+        _nothing, _predict(library_size="observd"), ValueError, "library_size='observd'"
+    ),
     "n_cells_per_target zero": BadInput(
-        _nothing, lambda adata, trained: trained[0].predict(adata, target="aspirin",
-                                                            n_cells_per_target=0),
-        ValueError, "n_cells_per_target=0",
+        _nothing,
+        lambda adata, trained: trained[0].predict(adata, target="aspirin", n_cells_per_target=0),
+        ValueError,
+        "n_cells_per_target=0",
     ),
     "source mask all False": BadInput(
-        _nothing, lambda adata, trained: trained[0].predict(
-            adata, target="aspirin", source=np.zeros(adata.n_obs, bool)),
-        ValueError, "all False",
+        _nothing,
+        lambda adata, trained: trained[0].predict(
+            adata, target="aspirin", source=np.zeros(adata.n_obs, bool)
+        ),
+        ValueError,
+        "all False",
     ),
     "source as obs names": BadInput(
-        _nothing, lambda adata, trained: trained[0].predict(
-            adata, target="aspirin", source=list(adata.obs_names[:5])),
-        TypeError, "obs names",
+        _nothing,
+        lambda adata, trained: trained[0].predict(
+            adata, target="aspirin", source=list(adata.obs_names[:5])
+        ),
+        TypeError,
+        "obs names",
     ),
     "source index out of range": BadInput(
-        _nothing, lambda adata, trained: trained[0].predict(
-            adata, target="aspirin", source=[0, adata.n_obs + 3]),
-        IndexError, "outside 0",
+        _nothing,
+        lambda adata, trained: trained[0].predict(
+            adata, target="aspirin", source=[0, adata.n_obs + 3]
+        ),
+        IndexError,
+        "outside 0",
     ),
     "source index negative": BadInput(
-        _nothing, lambda adata, trained: trained[0].predict(adata, target="aspirin",
-                                                            source=[-1, 2]),
-        IndexError, r"\[-1\]",
+        _nothing,
+        lambda adata, trained: trained[0].predict(adata, target="aspirin", source=[-1, 2]),
+        IndexError,
+        r"\[-1\]",
     ),
     "known name with another molecule's SMILES": BadInput(
-        _nothing, _predict(target={"drug": "aspirin", "smiles": "CCO"}), ValueError,
+        _nothing,
+        _predict(target={"drug": "aspirin", "smiles": "CCO"}),
+        ValueError,
         "'aspirin' is known to the model as the molecule",
     ),
     "learned perturbation given a SMILES": BadInput(
-        _nothing, _predict(target={"drug": "KLF1", "smiles": "CCO"}), ValueError,
+        _nothing,
+        _predict(target={"drug": "KLF1", "smiles": "CCO"}),
+        ValueError,
         "'KLF1' is known to the model as a learned perturbation",
     ),
     "'+' inside a name in the target": BadInput(
-        _nothing, _predict(target="(+)-catechin"), ValueError, "'\\(\\+\\)-catechin'.*'\\+' joins",
+        _nothing,
+        _predict(target="(+)-catechin"),
+        ValueError,
+        "'\\(\\+\\)-catechin'.*'\\+' joins",
     ),
     "misspelled plan_kwargs key": BadInput(
-        _nothing, lambda adata, trained: PerturbX(adata, **SMALL_ARCH).train(
-            max_epochs=1, plan_kwargs={"adversary_wieght": 10.0}),
-        ValueError, "'adversary_wieght'.*did you mean 'adversary_weight'",
+        _nothing,
+        lambda adata, trained: PerturbX(adata, **SMALL_ARCH).train(
+            max_epochs=1, plan_kwargs={"adversary_wieght": 10.0}
+        ),
+        ValueError,
+        "'adversary_wieght'.*did you mean 'adversary_weight'",
         prepare=setup_toy,
     ),
     "NaN in a setup obs 'drug' entry": BadInput(
-        _set_first("aspirin", "drug", np.nan), _setup(), ValueError, "missing|not a string",
+        _set_first("aspirin", "drug", np.nan),
+        _setup(),
+        ValueError,
+        "missing|not a string",
     ),
     "'+' inside a name at setup": BadInput(
-        _replace("drug", "KLF1", "(+)-catechin"), _setup(), ConditionParseError,
+        _replace("drug", "KLF1", "(+)-catechin"),
+        _setup(),
+        ConditionParseError,
         "\\(\\+\\)-catechin.*'\\+' joins",
     ),
     "duplicated gene names at setup": BadInput(
-        lambda a: setattr(a, "var_names", ["g0"] + list(a.var_names[:-1])), _setup(),
-        ValueError, "duplicated gene name.*'g0'",
+        lambda a: setattr(a, "var_names", ["g0"] + list(a.var_names[:-1])),
+        _setup(),
+        ValueError,
+        "duplicated gene name.*'g0'",
     ),
     "unknown covariate value, categories reordered": BadInput(
-        lambda a: a.obs.__setitem__("cell_type", pd.Categorical(
-            a.obs["cell_type"].astype(str).replace("a", "z"), categories=["z", "b"])),
-        _predict(), ValueError, "obs\\['cell_type'\\].*\\['z'\\]",
+        lambda a: a.obs.__setitem__(
+            "cell_type",
+            pd.Categorical(a.obs["cell_type"].astype(str).replace("a", "z"), categories=["z", "b"]),
+        ),
+        _predict(),
+        ValueError,
+        "obs\\['cell_type'\\].*\\['z'\\]",
     ),
     # --- load against another gene set
     "load with fewer genes": BadInput(_drop_last_genes, _load, ValueError, "lacks 2"),
@@ -414,7 +454,7 @@ def test_unused_categories_are_harmless(trained):
     fresh = PerturbX(adata, **SMALL_ARCH)
     # Perturbations come from the values present; the unused covariate level is registered.
     assert fresh.perturbations == ["KLF1", "aspirin", "caffeine"]
-    assert fresh._covariate_categories == {"cell_type": ["a", "b", "z"]}
+    assert fresh.covariate_categories == {"cell_type": ["a", "b", "z"]}
     with pytest.raises(ValueError, match="No source cells match"):
         fresh.predict(target={"drug": "aspirin", "cell_type": "z"})
 

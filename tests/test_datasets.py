@@ -17,12 +17,20 @@ import pytest
 from scipy import sparse
 
 from perturbx import datasets
-from perturbx.data._parsing import parse_condition_columns
+from perturbx.conditions import parse_condition_columns
 from perturbx.datasets import _fetch
 
 LINCS_DOSES_UM = [0.04, 0.12, 0.37, 1.11, 3.33, 10.0]
-UNS_KEYS = {"name", "control_value", "perturbation_key", "dose_key", "smiles_key",
-            "covariate_keys", "likelihood", "source_url"}
+UNS_KEYS = {
+    "name",
+    "control_value",
+    "perturbation_key",
+    "dose_key",
+    "smiles_key",
+    "covariate_keys",
+    "likelihood",
+    "source_url",
+}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,11 @@ def test_lincs_perturbations_doses_and_controls(lincs):
     assert (obs.loc[is_control, "dose"] == 0.0).all()
     assert obs.loc[obs["perturbation_type"] == "drug", "perturbation"].nunique() == 55
     assert set(obs.loc[obs["perturbation_type"] == "positive_control", "perturbation"]) == {
-        "geldanamycin", "mitoxantrone", "radicicol", "withaferin-a"}
+        "geldanamycin",
+        "mitoxantrone",
+        "radicicol",
+        "withaferin-a",
+    }
     treated = obs.loc[~is_control, "dose"].to_numpy()
     nearest = np.abs(treated[:, None] - np.array(LINCS_DOSES_UM)[None, :]).min(axis=1)
     assert (nearest < 0.01).all() and (treated > 0).all()
@@ -284,8 +296,12 @@ def test_standardize_obs_combinations_and_controls():
     adata = _scperturb_like(["control", "KLF1_MAP2K6", "KLF1", "ctrl_SET", "ctrl"])
     before = adata.obs.copy()
     result = datasets.standardize_obs(
-        adata, perturbation_key="perturbation", control_values=("control", "ctrl"),
-        combination_separator="_", cell_type="K562", perturbation_type="CRISPRa",
+        adata,
+        perturbation_key="perturbation",
+        control_values=("control", "ctrl"),
+        combination_separator="_",
+        cell_type="K562",
+        perturbation_type="CRISPRa",
     )
     assert list(result.obs["perturbation"]) == ["control", "KLF1+MAP2K6", "KLF1", "SET", "control"]
     assert list(result.obs["dose"]) == ["0", "1.0+1.0", "1.0", "1.0", "0"]
@@ -295,10 +311,18 @@ def test_standardize_obs_combinations_and_controls():
 
 
 def test_standardize_obs_scales_numeric_doses():
-    adata = _scperturb_like(["control", "drugA", "drugA"], doses=[0.0, 10.0, 10000.0],
-                            cell_lines=["A549", "K562", "MCF7"])
-    result = datasets.standardize_obs(adata, perturbation_key="perturbation", dose_key="dose_value",
-                                      dose_scale=1e-3, cell_type_key="cell_line")
+    adata = _scperturb_like(
+        ["control", "drugA", "drugA"],
+        doses=[0.0, 10.0, 10000.0],
+        cell_lines=["A549", "K562", "MCF7"],
+    )
+    result = datasets.standardize_obs(
+        adata,
+        perturbation_key="perturbation",
+        dose_key="dose_value",
+        dose_scale=1e-3,
+        cell_type_key="cell_line",
+    )
     np.testing.assert_allclose(result.obs["dose"], [0.0, 0.01, 10.0])
     assert list(result.obs["cell_type"]) == ["A549", "K562", "MCF7"]
 
@@ -306,8 +330,13 @@ def test_standardize_obs_scales_numeric_doses():
 def test_standardize_obs_errors():
     adata = _scperturb_like(["A_B"], doses=["1"])
     with pytest.raises(ValueError, match="2 members but dose '1' has 1"):
-        datasets.standardize_obs(adata, perturbation_key="perturbation", dose_key="dose_value",
-                                 combination_separator="_", cell_type="K562")
+        datasets.standardize_obs(
+            adata,
+            perturbation_key="perturbation",
+            dose_key="dose_value",
+            combination_separator="_",
+            cell_type="K562",
+        )
     with pytest.raises(KeyError, match="'drug'"):
         datasets.standardize_obs(adata, perturbation_key="drug", cell_type="K562")
     with pytest.raises(ValueError, match="exactly one of cell_type_key"):
@@ -316,8 +345,11 @@ def test_standardize_obs_errors():
 
 def test_load_full_files_from_local_copies(tmp_path, data_cache):
     sciplex_path = tmp_path / "sciplex.h5ad"
-    _scperturb_like(["control", "ABT-737", "not-in-table"], doses=[0.0, 100.0, 1000.0],
-                    cell_lines=["A549", "A549", "MCF7"]).write_h5ad(sciplex_path)
+    _scperturb_like(
+        ["control", "ABT-737", "not-in-table"],
+        doses=[0.0, 100.0, 1000.0],
+        cell_lines=["A549", "A549", "MCF7"],
+    ).write_h5ad(sciplex_path)
     sciplex = datasets.load_sciplex3(sciplex_path, data_cache)
     assert list(sciplex.obs["has_smiles"]) == [False, True, False]
     np.testing.assert_allclose(sciplex.obs["dose"], [0.0, 0.1, 1.0])

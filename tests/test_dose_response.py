@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from perturbx.nn import DoseResponse
+from perturbx.module import DoseResponse
 
 N_VOCAB, N_BITS = 40, 16
 
@@ -27,8 +27,11 @@ def _expected(module: DoseResponse, index: torch.Tensor, extra: torch.Tensor | N
                 query = extra[i - N_VOCAB - 1 : i - N_VOCAB]
                 rows.append(module.amortizer(query)[0] + module._offset())
             else:
-                pool = [_expected(module, torch.tensor([j]), None)[0] for j in range(1, N_VOCAB + 1)
-                        if module.has_structure[j - 1]]
+                pool = [
+                    _expected(module, torch.tensor([j]), None)[0]
+                    for j in range(1, N_VOCAB + 1)
+                    if module.has_structure[j - 1]
+                ]
                 rows.append(torch.stack(pool).mean(0))
         elif i >= 1 and module.has_structure[i - 1]:
             rows.append(module.amortizer(module.fingerprints[i - 1 : i])[0] + module._offset())

@@ -83,8 +83,15 @@ def test_evaluate_scores_the_ensembles_predictions(ensemble):
     assert pred.obs.drop(columns="ensemble_member").equals(single.obs)
     pred.obs["method"] = "mine"
     direct = score(
-        pred, held, perturbation_key="drug", dose_key="dose", covariate_keys=["cell_type"],
-        method_key="method", counts=True, baselines=("control_mean",), seed=0,
+        pred,
+        held,
+        perturbation_key="drug",
+        dose_key="dose",
+        covariate_keys=["cell_type"],
+        method_key="method",
+        counts=True,
+        baselines=("control_mean",),
+        seed=0,
         centroid_reference=adata[ens.models[0].train_indices],
     )
     table = result.per_condition
@@ -102,7 +109,10 @@ def test_save_and_load_round_trip(ensemble, tmp_path):
     before = ens.predict(target=TARGETS, n_cells_per_target=10)
     ens.save(tmp_path / "ens", save_anndata=True)
     assert sorted(p.name for p in (tmp_path / "ens").iterdir()) == [
-        "member_0", "member_1", "member_2", "perturbx_ensemble.json"
+        "member_0",
+        "member_1",
+        "member_2",
+        "perturbx_ensemble.json",
     ]
     for loaded in (
         PerturbXEnsemble.load(tmp_path / "ens", adata=adata),

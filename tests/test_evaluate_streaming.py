@@ -15,9 +15,9 @@ import pytest
 
 from _toy import SMALL_ARCH, setup_toy, toy_screen
 from perturbx import PerturbX, PerturbXEnsemble
-from perturbx._evaluation import predicted_condition_means
 from perturbx.metrics import score
 from perturbx.metrics._pseudobulk import group_means, log_normalise
+from perturbx.model._evaluation import predicted_condition_means
 
 HELD_OUT = ["control", "caffeine", "aspirin+caffeine"]
 KEYS = ["condition", "perturbation", "dose", "cell_type"]
@@ -56,15 +56,24 @@ def test_evaluate_equals_scoring_the_predicted_cells(likelihood):
     cells = model.predict_conditions(held, n_cells_per_target=150, seed=3)
     cells.obs["method"] = "PerturbX"
     direct = score(
-        cells, held, perturbation_key="drug", dose_key="dose", covariate_keys=["cell_type"],
-        method_key="method", counts=likelihood == "nb", seed=3,
+        cells,
+        held,
+        perturbation_key="drug",
+        dose_key="dose",
+        covariate_keys=["cell_type"],
+        method_key="method",
+        counts=likelihood == "nb",
+        seed=3,
         centroid_reference=adata[model.train_indices],
     )
     got = result.per_condition.set_index(["method", *KEYS]).sort_index()
     want = direct.per_condition.set_index(["method", *KEYS]).sort_index()
     assert got.index.equals(want.index)
     assert set(got.index.get_level_values("method")) == {
-        "PerturbX", "control_mean", "perturbed_centroid", "interpolated_duplicate"
+        "PerturbX",
+        "control_mean",
+        "perturbed_centroid",
+        "interpolated_duplicate",
     }
     # predicted cells per condition, not rows of the means (Gaussian: one expected value
     # per matching control, fewer than 150; counts: 150 draws)
@@ -72,8 +81,7 @@ def test_evaluate_equals_scoring_the_predicted_cells(likelihood):
     if likelihood == "nb":
         assert (got.loc["PerturbX", "n_obs_pred"] == 150).all()
     for metric in result.metrics:
-        np.testing.assert_allclose(got[metric], want[metric], rtol=1e-5, atol=1e-6,
-                                   err_msg=metric)
+        np.testing.assert_allclose(got[metric], want[metric], rtol=1e-5, atol=1e-6, err_msg=metric)
     assert np.isfinite(got.loc["PerturbX", "weighted_mse"]).all()
     assert "per-condition means of the predicted cells" in result.normalisation
 
@@ -82,8 +90,7 @@ def test_condition_means_are_the_means_of_the_log_normalised_cells():
     model, adata = _trained("nb")
     held = _held_out(adata)
     # several batches per condition (each batch draws with its own seed)
-    means = predicted_condition_means([model], held, n_cells_per_target=40, seed=1,
-                                      batch_size=16)
+    means = predicted_condition_means([model], held, n_cells_per_target=40, seed=1, batch_size=16)
     cells = model.predict_conditions(held, n_cells_per_target=40, seed=1, batch_size=16)
     expected, n_cells = _means_of_cells(cells, means)
     np.testing.assert_allclose(means.X, expected, rtol=1e-5, atol=1e-6)
@@ -98,15 +105,15 @@ def test_ensemble_means_take_each_cell_from_its_member():
     ensemble.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
     models = ensemble.models
     held = _held_out(adata)
-    means = predicted_condition_means(models, held, n_cells_per_target=31, seed=2,
-                                      batch_size=15)
+    means = predicted_condition_means(models, held, n_cells_per_target=31, seed=2, batch_size=15)
     # odd batch and condition sizes: batches start at odd and even cells
     cells = ensemble.predict_conditions(held, n_cells_per_target=31, seed=2, batch_size=15)
     expected, _ = _means_of_cells(cells, means)
     np.testing.assert_allclose(means.X, expected, rtol=1e-5, atol=1e-6)
     # and not what either member alone predicts
-    alone = predicted_condition_means(models[:1], held, n_cells_per_target=31, seed=2,
-                                      batch_size=15)
+    alone = predicted_condition_means(
+        models[:1], held, n_cells_per_target=31, seed=2, batch_size=15
+    )
     assert not np.allclose(means.X, alone.X)
 
 
@@ -131,14 +138,14 @@ def test_progress_bar_only_for_work_that_lasts(capsys, monkeypatch):
     predicted_condition_means([model], held, n_cells_per_target=20, seed=0)
     assert "Predicting conditions" not in capsys.readouterr().err
 
-    batches = model._predicted_batches
+    batches = model.decode_prediction
 
     def slow_batches(*args, **kwargs):
         for batch in batches(*args, **kwargs):
             time.sleep(0.7)
             yield batch
 
-    monkeypatch.setattr(model, "_predicted_batches", slow_batches)
+    monkeypatch.setattr(model, "decode_prediction", slow_batches)
     # 4 conditions x 20 cells in batches of 20: 4 batches, 2.8 s in all
     predicted_condition_means([model], held, n_cells_per_target=20, seed=0, batch_size=20)
     assert "Predicting conditions" in capsys.readouterr().err

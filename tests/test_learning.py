@@ -129,7 +129,8 @@ def test_posterior_mean_does_not_reveal_the_drug(screen):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Known limitation (README, 'The basal latent'): the posterior mean keeps the cell "
+    reason="Known limitation (docs: architecture, 'The basal latent'): the posterior mean "
+    "keeps the cell "
     "type, which a linear classifier reads at 0.98-0.99 validation accuracy against chance "
     "0.54, although the adversary on the same mean stays at chance during training.",
 )

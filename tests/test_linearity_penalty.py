@@ -71,7 +71,10 @@ def _simulated_model() -> PerturbX:
 
     adata = simulate_drug_screen(n_cells=1500, n_genes=100, n_drugs=6, n_affected_genes=20)
     PerturbX.setup_anndata(
-        adata, perturbation_key="drug", dose_key="dose", smiles_key="smiles",
+        adata,
+        perturbation_key="drug",
+        dose_key="dose",
+        smiles_key="smiles",
         covariate_keys=["cell_type"],
     )
     scvi.settings.seed = 3

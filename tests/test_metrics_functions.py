@@ -94,11 +94,13 @@ def test_weighted_mse_and_weighted_r2_by_hand():
 
 def test_centroid_accuracy_with_ties_by_hand():
     true = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
-    pred = np.array([
-        [1.0, 0.0],  # own 1; t1 at 1 (tie -> failure); t2 at sqrt(5) (success): 1/2
-        [2.0, 0.0],  # own 0; t0 at 2, t2 at sqrt(8): 2/2
-        [0.0, 0.0],  # own 2; t0 at 0 (closer), t1 at 2 (tie): 0/2
-    ])
+    pred = np.array(
+        [
+            [1.0, 0.0],  # own 1; t1 at 1 (tie -> failure); t2 at sqrt(5) (success): 1/2
+            [2.0, 0.0],  # own 0; t0 at 2, t2 at sqrt(8): 2/2
+            [0.0, 0.0],  # own 2; t0 at 0 (closer), t1 at 2 (tie): 0/2
+        ]
+    )
     np.testing.assert_allclose(pm.centroid_accuracy(pred, true), [0.5, 1.0, 0.0])
     # Two groups are scored separately; a group of one condition is undefined.
     groups = np.array(["a", "a", "b"])
@@ -204,12 +206,8 @@ def test_log_normalise_in_blocks_of_rows(layout, monkeypatch):
     monkeypatch.setattr(_pseudobulk, "CELLS_PER_BLOCK", 4)  # blocks cut the 11 cells
     counts = np.random.default_rng(0).poisson(1.5, (11, 6))
     counts[3] = 0  # an empty cell stays zero
-    expected = np.log1p(
-        counts / np.maximum(counts.sum(1, keepdims=True), 1) * 10.0
-    )
-    matrix = {"dense": counts, "csr": sp.csr_matrix(counts), "csc": sp.csc_matrix(counts)}[
-        layout
-    ]
+    expected = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 10.0)
+    matrix = {"dense": counts, "csr": sp.csr_matrix(counts), "csc": sp.csc_matrix(counts)}[layout]
     before = matrix.copy()
     out, _ = pm.log_normalise(matrix, counts=True, target_sum=10.0)
     assert sp.issparse(out) == (layout != "dense")
@@ -220,8 +218,9 @@ def test_log_normalise_in_blocks_of_rows(layout, monkeypatch):
 
 def test_log_normalise_sums_duplicate_sparse_entries():
     # (0, 0) is stored twice: 1 + 2 counts; the cell has 3 + 1 = 4 counts
-    matrix = sp.csr_matrix((np.array([1.0, 2.0, 1.0]), np.array([0, 0, 1]), np.array([0, 3])),
-                           shape=(1, 2))
+    matrix = sp.csr_matrix(
+        (np.array([1.0, 2.0, 1.0]), np.array([0, 0, 1]), np.array([0, 3])), shape=(1, 2)
+    )
     out, _ = pm.log_normalise(matrix, counts=True, target_sum=4.0)
     np.testing.assert_allclose(out.toarray(), np.log1p([[3.0, 1.0]]), rtol=1e-6)
 
@@ -229,8 +228,15 @@ def test_log_normalise_sums_duplicate_sparse_entries():
 def test_log_normalise_peak_memory_is_about_one_copy():
     import tracemalloc
 
-    matrix = sp.random(100_000, 100, density=0.1, format="csr", dtype=np.float32,
-                       random_state=0, data_rvs=lambda n: np.ones(n))
+    matrix = sp.random(
+        100_000,
+        100,
+        density=0.1,
+        format="csr",
+        dtype=np.float32,
+        random_state=0,
+        data_rvs=lambda n: np.ones(n),
+    )
     size = matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes
     tracemalloc.start()
     try:
@@ -243,8 +249,9 @@ def test_log_normalise_peak_memory_is_about_one_copy():
 
 def test_pseudobulk_means_in_log_space():
     counts = np.array([[1, 1], [3, 1], [0, 4], [2, 2]], dtype=np.float32)
-    adata = AnnData(counts, obs=pd.DataFrame({"g": ["a", "a", "b", "b"]},
-                                             index=[f"c{i}" for i in range(4)]))
+    adata = AnnData(
+        counts, obs=pd.DataFrame({"g": ["a", "a", "b", "b"]}, index=[f"c{i}" for i in range(4)])
+    )
     out = pm.pseudobulk(adata, "g", target_sum=4)
     expected_a = (np.log1p([2.0, 2.0]) + np.log1p([3.0, 1.0])) / 2
     expected_b = (np.log1p([0.0, 4.0]) + np.log1p([2.0, 2.0])) / 2
@@ -256,13 +263,17 @@ def test_pseudobulk_means_in_log_space():
 
 
 def test_condition_table_canonicalises_doses_and_combinations():
-    obs = pd.DataFrame({
-        "drug": ["A+B", "B+A", "A", "A", "ctrl", "ctrl+A"],
-        "dose": ["1+3", "3.0+1.0", "1", "1.0", "nan", "5+2"],
-        "cell": ["x", "x", "x", "y", "x", "x"],
-    }, index=[f"c{i}" for i in range(6)])
-    table, codes = pm.condition_table(obs, perturbation_key="drug", dose_key="dose",
-                                      covariate_keys=["cell"], control_value="ctrl")
+    obs = pd.DataFrame(
+        {
+            "drug": ["A+B", "B+A", "A", "A", "ctrl", "ctrl+A"],
+            "dose": ["1+3", "3.0+1.0", "1", "1.0", "nan", "5+2"],
+            "cell": ["x", "x", "x", "y", "x", "x"],
+        },
+        index=[f"c{i}" for i in range(6)],
+    )
+    table, codes = pm.condition_table(
+        obs, perturbation_key="drug", dose_key="dose", covariate_keys=["cell"], control_value="ctrl"
+    )
     # rows 0/1 are one condition; A at 1 vs 1.0 is one condition per cell line;
     # "ctrl+A" at 5+2 drops the control member -> A at 2.
     assert codes[0] == codes[1]

@@ -65,8 +65,9 @@ def test_predicting_the_centroid_scores_zero_after_normalisation(data):
     table = pd.concat(frames, ignore_index=True)
     methods = pd.Series(["user"] * n + ["neg"] * n + ["pos"] * n)
     conditions = pd.Series([f"c{i}" for i in range(n)] * 3)
-    _, normalised = calibrate(table, methods, conditions, pm.metric_info(TOP_K),
-                              negative="neg", positive="pos")
+    _, normalised = calibrate(
+        table, methods, conditions, pm.metric_info(TOP_K), negative="neg", positive="pos"
+    )
     user = normalised[methods.to_numpy() == "user"].to_numpy()
     assert np.isfinite(user).any()
     np.testing.assert_allclose(user[np.isfinite(user)], 0.0, atol=1e-12)
@@ -79,11 +80,16 @@ def test_metrics_are_invariant_to_the_order_of_conditions_and_genes(data, seed):
     rng = np.random.default_rng(seed)
     rows, cols = rng.permutation(len(true)), rng.permutation(true.shape[1])
     first, _ = metric_arrays(pred, true, control, centroid, de, top_k=TOP_K)
-    second, _ = metric_arrays(pred[rows][:, cols], true[rows][:, cols], control[cols],
-                              centroid[cols], de[rows][:, cols], top_k=TOP_K)
+    second, _ = metric_arrays(
+        pred[rows][:, cols],
+        true[rows][:, cols],
+        control[cols],
+        centroid[cols],
+        de[rows][:, cols],
+        top_k=TOP_K,
+    )
     for name, values in first.items():
-        np.testing.assert_allclose(second[name], values[rows], rtol=1e-9, atol=1e-12,
-                                   err_msg=name)
+        np.testing.assert_allclose(second[name], values[rows], rtol=1e-9, atol=1e-12, err_msg=name)
 
 
 @FAST
@@ -97,8 +103,9 @@ def test_centroid_accuracy_matches_a_direct_loop(data, with_duplicates):
     n = len(true)
     for p in range(n):
         own = np.linalg.norm(pred[p] - true[p])
-        farther = sum(np.linalg.norm(pred[p] - true[q]) > own * (1 + 1e-9)
-                      for q in range(n) if q != p)
+        farther = sum(
+            np.linalg.norm(pred[p] - true[q]) > own * (1 + 1e-9) for q in range(n) if q != p
+        )
         assert out[p] == farther / (n - 1)
 
 

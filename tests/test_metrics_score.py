@@ -15,8 +15,14 @@ from perturbx.metrics import _de
 N_GENES = 120
 
 
-def simulate(seed: int = 0, n_eval: int = 8, n_train: int = 4, cells: int = 40,
-             singles: int = 2, cell_lines=("x",)) -> AnnData:
+def simulate(
+    seed: int = 0,
+    n_eval: int = 8,
+    n_train: int = 4,
+    cells: int = 40,
+    singles: int = 2,
+    cell_lines=("x",),
+) -> AnnData:
     """Poisson counts: controls, evaluated drugs E*, training drugs T*, single wells S*.
 
     Every drug shares a generic response (so the perturbed centroid resembles each of
@@ -34,9 +40,11 @@ def simulate(seed: int = 0, n_eval: int = 8, n_train: int = 4, cells: int = 40,
 
     for line in cell_lines:
         add("control", line, 100, np.zeros(N_GENES))
-        for name, n in ([(f"E{i}", cells) for i in range(n_eval)]
-                        + [(f"T{i}", cells) for i in range(n_train)]
-                        + [(f"S{i}", 1) for i in range(singles)]):
+        for name, n in (
+            [(f"E{i}", cells) for i in range(n_eval)]
+            + [(f"T{i}", cells) for i in range(n_train)]
+            + [(f"S{i}", 1) for i in range(singles)]
+        ):
             specific = rng.normal(0.0, 1.0, N_GENES) * (rng.random(N_GENES) < 0.2)
             add(name, line, n, shared + specific)
     obs = pd.DataFrame(obs, columns=["drug", "cell_line"])
@@ -80,8 +88,14 @@ def test_simulated_baselines_and_perfect_prediction(result):
     assert (model["centroid_accuracy"] == 1.0).all()
     assert (model["overlap_at_20"] > 0.7).all()
     # The positive control spans most of the range on the key metrics.
-    for metric in ("mse", "pearson_delta_control", "pearson_delta_centroid", "r2",
-                   "weighted_mse", "centroid_accuracy"):
+    for metric in (
+        "mse",
+        "pearson_delta_control",
+        "pearson_delta_centroid",
+        "r2",
+        "weighted_mse",
+        "centroid_accuracy",
+    ):
         assert result.calibration.loc[metric, "median_drf"] > 0, metric
     assert result.calibration.loc["pearson_delta_centroid", "well_calibrated"]
     assert "normalised to 10000 per cell" in result.normalisation
@@ -108,20 +122,21 @@ def test_single_sample_conditions_get_z_scores_and_no_positive_control(result, r
     z = (well - ctrl.mean(0)) / ctrl.std(0, ddof=1)
     order = np.argsort(real.var_names)
     refs = result.references
-    np.testing.assert_allclose(refs["S0"].layers["de_scores"][0], z[order], rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(refs["S0"].layers["de_scores"][0], z[order], rtol=1e-4, atol=1e-4)
 
 
 def test_truth_is_first_half_and_positive_control_formula(result, real):
     refs = result.references
-    lognorm = np.log1p(real.X / real.X.sum(axis=1, keepdims=True) * 1e4)[:, np.argsort(
-        real.var_names)]
+    lognorm = np.log1p(real.X / real.X.sum(axis=1, keepdims=True) * 1e4)[
+        :, np.argsort(real.var_names)
+    ]
     full = lognorm[(real.obs["drug"] == "E3").to_numpy()].astype(np.float64).mean(0)
     row = refs["E3"]
     assert int(row.obs["n_cells_true"].iloc[0]) == 20
     # the two halves partition the cells: 20 * first + 20 * second == 40 * full mean
-    np.testing.assert_allclose(20 * row.X[0] + 20 * row.layers["second_half"][0], 40 * full,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        20 * row.X[0] + 20 * row.layers["second_half"][0], 40 * full, rtol=1e-5
+    )
     assert not np.allclose(row.X[0], full)
     p = row.layers["second_half_pvals_adj"][0]
     expected = (1 - p) * row.layers["second_half"][0] + p * row.layers["centroid"][0]
@@ -138,13 +153,24 @@ def test_score_means_reproduces_score(result):
     refs = result.references
     model = rows(result, "model")
     pred = np.vstack([refs.X[i] for i in range(refs.n_obs)])  # truth as prediction
-    again = pm.score_means(pred, refs.X, refs.layers["control"], refs.layers["centroid"],
-                           refs.layers["de_scores"], index=refs.obs_names)
+    again = pm.score_means(
+        pred,
+        refs.X,
+        refs.layers["control"],
+        refs.layers["centroid"],
+        refs.layers["de_scores"],
+        index=refs.obs_names,
+    )
     assert (again["mse"] == 0).all() and (again["centroid_accuracy"] == 1).all()
     # scoring the control mean reproduces the control_mean rows
-    ctrl = pm.score_means(refs.layers["control"], refs.X, refs.layers["control"],
-                          refs.layers["centroid"], refs.layers["de_scores"],
-                          index=refs.obs_names)
+    ctrl = pm.score_means(
+        refs.layers["control"],
+        refs.X,
+        refs.layers["control"],
+        refs.layers["centroid"],
+        refs.layers["de_scores"],
+        index=refs.obs_names,
+    )
     expected = rows(result, "control_mean").loc[refs.obs_names, "mse"]
     np.testing.assert_allclose(ctrl["mse"], expected)
     assert list(model.index) == list(refs.obs_names)
@@ -152,11 +178,18 @@ def test_score_means_reproduces_score(result):
 
 def test_perfect_and_centroid_predictions_as_pseudobulk_rows(result, real):
     refs = result.references
-    obs = pd.DataFrame({"drug": list(refs.obs["perturbation"]) * 2,
-                        "method": ["perfect"] * refs.n_obs + ["centroid"] * refs.n_obs})
+    obs = pd.DataFrame(
+        {
+            "drug": list(refs.obs["perturbation"]) * 2,
+            "method": ["perfect"] * refs.n_obs + ["centroid"] * refs.n_obs,
+        }
+    )
     obs.index = [f"p{i}" for i in range(len(obs))]
-    pred = AnnData(np.vstack([refs.X, refs.layers["centroid"]]), obs=obs,
-                   var=pd.DataFrame(index=refs.var_names))
+    pred = AnnData(
+        np.vstack([refs.X, refs.layers["centroid"]]),
+        obs=obs,
+        var=pd.DataFrame(index=refs.var_names),
+    )
     out = pm.score(pred, real, perturbation_key="drug", method_key="method")
     perfect = rows(out, "perfect")
     info = pm.metric_info()
@@ -168,13 +201,17 @@ def test_perfect_and_centroid_predictions_as_pseudobulk_rows(result, real):
     norm = out.normalised[out.normalised["method"] == "centroid"][out.metrics]
     values = norm.to_numpy(float)
     np.testing.assert_allclose(values[np.isfinite(values)], 0.0, atol=1e-4)
-    assert np.isfinite(values).sum() > 0.8 * np.isfinite(
-        out.normalised[out.normalised["method"] == "perfect"][out.metrics].to_numpy(float)).sum()
+    assert (
+        np.isfinite(values).sum()
+        > 0.8
+        * np.isfinite(
+            out.normalised[out.normalised["method"] == "perfect"][out.metrics].to_numpy(float)
+        ).sum()
+    )
 
 
 def test_de_runs_once_per_dataset(monkeypatch):
-    real = simulate(seed=3, n_eval=3, n_train=2, cells=10, singles=0,
-                    cell_lines=("x", "y"))
+    real = simulate(seed=3, n_eval=3, n_train=2, cells=10, singles=0, cell_lines=("x", "y"))
     calls = []
     original = _de._run_rank_genes_groups
 
@@ -208,8 +245,10 @@ def test_invariant_to_order_of_cells_genes_and_conditions(real):
     pred2 = pred[rng.permutation(pred.n_obs)][:, rng.permutation(pred.n_vars)].copy()
     other = pm.score(pred2, real2, perturbation_key="drug").per_condition
     key = ["method", "condition"]
-    base, other = base.sort_values(key).reset_index(drop=True), other.sort_values(
-        key).reset_index(drop=True)
+    base, other = (
+        base.sort_values(key).reset_index(drop=True),
+        other.sort_values(key).reset_index(drop=True),
+    )
     pd.testing.assert_frame_equal(base, other, rtol=1e-6, atol=1e-9)
 
 
@@ -217,15 +256,19 @@ def test_conditions_match_across_dose_formats_and_combination_order():
     rng = np.random.default_rng(0)
     drugs = ["control"] * 6 + ["A+B"] * 4 + ["C"] * 4 + ["D"] * 4
     doses = ["0"] * 6 + ["1+10"] * 4 + ["1"] * 4 + ["2"] * 4
-    real = AnnData(rng.normal(size=(18, 5)),
-                   obs=pd.DataFrame({"drug": drugs, "dose": doses},
-                                    index=[f"r{i}" for i in range(18)]))
+    real = AnnData(
+        rng.normal(size=(18, 5)),
+        obs=pd.DataFrame({"drug": drugs, "dose": doses}, index=[f"r{i}" for i in range(18)]),
+    )
     real.var_names = list("abcde")
-    pred = AnnData(rng.normal(size=(2, 5)), obs=pd.DataFrame(
-        {"drug": ["B+A", "C"], "dose": ["10.0+1.0", "1.0"]}, index=["p0", "p1"]))
+    pred = AnnData(
+        rng.normal(size=(2, 5)),
+        obs=pd.DataFrame({"drug": ["B+A", "C"], "dose": ["10.0+1.0", "1.0"]}, index=["p0", "p1"]),
+    )
     pred.var_names = list("edcba")
-    out = pm.score(pred, real, perturbation_key="drug", dose_key="dose",
-                   baselines=("perturbed_centroid",))
+    out = pm.score(
+        pred, real, perturbation_key="drug", dose_key="dose", baselines=("perturbed_centroid",)
+    )
     model = rows(out, "model")
     assert sorted(model.index) == ["A+B @ 1.0+10.0", "C @ 1.0"]
     assert "D" not in set(out.per_condition["perturbation"])
@@ -244,17 +287,32 @@ def test_conditions_match_across_dose_formats_and_combination_order():
 
 def test_centroid_is_unweighted_over_training_conditions_and_train_list():
     # T1 has 9 cells and T2 has 3: an unweighted centroid is the plain mean of their means.
-    X = np.vstack([np.zeros((4, 3)), np.ones((9, 3)) * [1, 2, 3], np.ones((3, 3)) * [5, 0, 1],
-                   np.ones((2, 3)) * [9, 9, 9], np.ones((2, 3)) * [2, 2, 2]])
+    X = np.vstack(
+        [
+            np.zeros((4, 3)),
+            np.ones((9, 3)) * [1, 2, 3],
+            np.ones((3, 3)) * [5, 0, 1],
+            np.ones((2, 3)) * [9, 9, 9],
+            np.ones((2, 3)) * [2, 2, 2],
+        ]
+    )
     drugs = ["control"] * 4 + ["T1"] * 9 + ["T2"] * 3 + ["E"] * 2 + ["U"] * 2
-    real = AnnData(X + np.linspace(0, 0.01, 3), obs=pd.DataFrame(
-        {"drug": drugs}, index=[f"c{i}" for i in range(len(drugs))]))
+    real = AnnData(
+        X + np.linspace(0, 0.01, 3),
+        obs=pd.DataFrame({"drug": drugs}, index=[f"c{i}" for i in range(len(drugs))]),
+    )
     pred = real[real.obs["drug"] == "E"].copy()
-    out = pm.score(pred, real, perturbation_key="drug", train_perturbations=["T1", "T2"],
-                   baselines=("perturbed_centroid",))
+    out = pm.score(
+        pred,
+        real,
+        perturbation_key="drug",
+        train_perturbations=["T1", "T2"],
+        baselines=("perturbed_centroid",),
+    )
     refs = out.references
-    np.testing.assert_allclose(refs.layers["centroid"][0], np.array([3, 1, 2]) + np.linspace(
-        0, 0.01, 3))
+    np.testing.assert_allclose(
+        refs.layers["centroid"][0], np.array([3, 1, 2]) + np.linspace(0, 0.01, 3)
+    )
     with pytest.raises(ValueError, match="'T9'"):
         pm.score(pred, real, perturbation_key="drug", train_perturbations=["T1", "T9"])
 
@@ -266,12 +324,15 @@ def test_lincs_like_bulk_screen_without_replicates():
     wells = 8 + rng.normal(0, 1.0, (8, n_genes))
     drugs = ["DMSO"] * 6 + [f"d{i % 4}" for i in range(8)]
     doses = ["-666"] * 6 + ["0.04", "0.04", "0.04", "0.04", "10", "10", "10", "10"]
-    real = AnnData(np.vstack([ctrl, wells]), obs=pd.DataFrame(
-        {"drug": drugs, "dose": doses}, index=[f"w{i}" for i in range(14)]))
+    real = AnnData(
+        np.vstack([ctrl, wells]),
+        obs=pd.DataFrame({"drug": drugs, "dose": doses}, index=[f"w{i}" for i in range(14)]),
+    )
     real.var_names = [f"g{i}" for i in range(n_genes)]
     pred = real[[d.startswith("d0") or d.startswith("d1") for d in drugs]].copy()
-    out = pm.score(pred, real, perturbation_key="drug", dose_key="dose", control_value="DMSO",
-                   top_k=(5,))
+    out = pm.score(
+        pred, real, perturbation_key="drug", dose_key="dose", control_value="DMSO", top_k=(5,)
+    )
     pos = rows(out, "interpolated_duplicate")
     assert len(pos) == 4 and pos["mse"].isna().all()
     assert pos["note"].str.contains("single sample").all()
@@ -343,8 +404,9 @@ def test_log_normalised_means_score_like_the_counts_they_summarise(real):
     from_cells = rows(pm.score(cells, real, **kw), "model")
     from_means = rows(pm.score(summary, real, pred_counts=False, **kw), "model")
     for metric in ("weighted_mse", "pearson_delta_centroid_top20", "centroid_accuracy"):
-        np.testing.assert_allclose(from_means[metric], from_cells[metric], rtol=1e-5,
-                                   err_msg=metric)
+        np.testing.assert_allclose(
+            from_means[metric], from_cells[metric], rtol=1e-5, err_msg=metric
+        )
     # read as counts (pred_counts defaults to counts), the means would be normalised again
     again = rows(pm.score(summary, real, **kw), "model")
     assert not np.allclose(again["weighted_mse"], from_cells["weighted_mse"], rtol=1e-3)
@@ -359,8 +421,10 @@ def test_centroid_reference_is_read_in_blocks_not_copied(real):
     rng = np.random.default_rng(0)
     reference = AnnData(
         rng.poisson(2.0, (n, real.n_vars)).astype(np.float32),
-        obs=pd.DataFrame({"drug": rng.choice(["T0", "T1", "T2"], n), "cell_line": "x"},
-                         index=[f"r{i}" for i in range(n)]),
+        obs=pd.DataFrame(
+            {"drug": rng.choice(["T0", "T1", "T2"], n), "cell_line": "x"},
+            index=[f"r{i}" for i in range(n)],
+        ),
         var=pd.DataFrame(index=real.var_names),
     )
     kw = dict(perturbation_key="drug", baselines=("control_mean",))
@@ -377,7 +441,8 @@ def test_centroid_reference_is_read_in_blocks_not_copied(real):
     # and its cells did form the centroid: the mean of the three training conditions
     logged, _ = pm.log_normalise(reference.X, counts=True)
     labels = reference.obs["drug"].to_numpy()
-    expected = np.mean([logged[labels == t].mean(0, dtype=np.float64) for t in ("T0", "T1", "T2")],
-                       axis=0)
+    expected = np.mean(
+        [logged[labels == t].mean(0, dtype=np.float64) for t in ("T0", "T1", "T2")], axis=0
+    )
     centroid = result.references.layers["centroid"]
     np.testing.assert_allclose(centroid, np.broadcast_to(expected, centroid.shape), rtol=1e-5)

@@ -79,8 +79,9 @@ def test_predict_returns_annotated_anndata(trained):
         # pandas 3 reads text columns as its ``str`` dtype, whose missing value is NaN
         pd.DataFrame({"drug": pd.array(["aspirin", "caffeine"], dtype="string")}),
         pd.DataFrame({"drug": ["aspirin", "caffeine"], "cell_type": [np.nan, "b"]}),
-        pd.DataFrame({"drug": ["aspirin", "caffeine"],
-                      "cell_type": pd.array([pd.NA, "b"], dtype="string")}),
+        pd.DataFrame(
+            {"drug": ["aspirin", "caffeine"], "cell_type": pd.array([pd.NA, "b"], dtype="string")}
+        ),
         [{"drug": "aspirin"}, {"drug": "caffeine", "cell_type": "b"}],
     ],
     ids=["string dtype, no covariate", "NaN covariate", "pd.NA covariate", "dicts"],
@@ -96,8 +97,12 @@ def test_target_without_covariate_keeps_the_source_cells_covariate(trained, targ
         adata.obs.loc[sources[aspirin], "cell_type"].astype(str).to_numpy(),
     )
     assert set(pred.obs.loc[aspirin, "cell_type"]) == {"a", "b"}
-    caffeine_types = {"a", "b"} if "cell_type" not in pd.DataFrame(list(target) if isinstance(
-        target, list) else target).columns else {"b"}
+    caffeine_types = (
+        {"a", "b"}
+        if "cell_type"
+        not in pd.DataFrame(list(target) if isinstance(target, list) else target).columns
+        else {"b"}
+    )
     assert set(pred.obs.loc[~aspirin, "cell_type"]) == caffeine_types
     assert isinstance(pred.obs["drug"].dtype, pd.CategoricalDtype)
     assert isinstance(pred.obs["cell_type"].dtype, pd.CategoricalDtype)
@@ -167,7 +172,7 @@ def test_save_load_round_trip(trained, tmp_path):
     after = loaded.predict(target=target, n_cells_per_target=15)
     np.testing.assert_array_equal(before.X, after.X)
     assert loaded.perturbations == model.perturbations
-    assert loaded._perturbation_state == model._perturbation_state
+    assert loaded.perturbation_registry == model.perturbation_registry
     pd.testing.assert_frame_equal(
         loaded.history["reconstruction_loss_train"], model.history["reconstruction_loss_train"]
     )
@@ -327,6 +332,7 @@ def test_predict_conditions_draws_the_asked_number_of_cells_from_few_controls(tr
     pred = model.predict_conditions(held, n_cells_per_target=100, seed=0)
     assert (pred.obs.groupby("cell_type", observed=True).size() == 100).all()
 
+
 def test_load_without_adata_then_predict_on_new_cells(trained, tmp_path):
     model, adata = trained
     model.save(tmp_path / "m", overwrite=True)
@@ -391,8 +397,9 @@ def test_mixed_precision_training_embeds_drugs_and_stays_finite():
     before = [p.detach().clone() for p in encoder.parameters()]
     model.train(max_epochs=2, batch_size=64, precision="bf16-mixed", enable_progress_bar=False)
     assert np.isfinite(model.history["reconstruction_loss_train"].to_numpy(dtype=float)).all()
-    assert all(not torch.equal(b, a.detach()) for b, a in zip(before, encoder.parameters(),
-                                                               strict=True))
+    assert all(
+        not torch.equal(b, a.detach()) for b, a in zip(before, encoder.parameters(), strict=True)
+    )
     assert all(p.dtype == torch.float32 for p in model.module.parameters())
     pred = model.predict(target={"drug": "aspirin", "dose": 3.0}, n_cells_per_target=10)
     assert np.isfinite(np.asarray(pred.X)).all()
@@ -405,7 +412,7 @@ def test_negative_binomial_log_likelihood_matches_scvi_and_autograd(mean_count):
     (0..32), above them and non-integer, sparse and dense."""
     from scvi.distributions import NegativeBinomial
 
-    from perturbx.likelihood import _GAMMA_TABLE_MAX_COUNT, negative_binomial_log_likelihood
+    from perturbx.module._likelihood import _GAMMA_TABLE_MAX_COUNT, negative_binomial_log_likelihood
 
     rng = np.random.default_rng(0)
     counts = rng.poisson(mean_count, size=(6, 9)).astype(np.float64)
@@ -510,8 +517,13 @@ def test_zero_layers_give_a_linear_decoder_and_negative_ones_are_refused():
     model = PerturbX(adata, **{**SMALL_ARCH, "n_layers": 0})
     assert len(model.module.decoder_body) == 0
     assert model.module.scale_head.in_features == SMALL_ARCH["n_latent"]
-    model.train(max_epochs=1, max_steps=2, batch_size=64, enable_progress_bar=False,
-                check_val_every_n_epoch=None)
+    model.train(
+        max_epochs=1,
+        max_steps=2,
+        batch_size=64,
+        enable_progress_bar=False,
+        check_val_every_n_epoch=None,
+    )
     assert model.get_latent_representation().shape == (adata.n_obs, SMALL_ARCH["n_latent"])
     with pytest.raises(ValueError, match="n_layers=-1"):
         PerturbX(adata, **{**SMALL_ARCH, "n_layers": -1})

@@ -14,11 +14,15 @@ from scvi.model.base import BaseModelClass
 
 from _toy import SMALL_ARCH, setup_toy, toy_screen
 from perturbx import PerturbX, PerturbXEnsemble
-from perturbx._model_files import UnsafeModelFileError, from_plain, to_plain
+from perturbx.model._files import UnsafeModelFileError, from_plain, to_plain
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, logger=False)
-TARGETS = [{"drug": "aspirin", "dose": 3.0}, {"drug": "aspirin+caffeine", "dose": "1+10"},
-           {"drug": "KLF1"}, {"drug": "CC(C)Cc1ccc(cc1)C(C)C(O)=O"}]
+TARGETS = [
+    {"drug": "aspirin", "dose": 3.0},
+    {"drug": "aspirin+caffeine", "dose": "1+10"},
+    {"drug": "KLF1"},
+    {"drug": "CC(C)Cc1ccc(cc1)C(C)C(O)=O"},
+]
 
 
 class _CreatesMarker:
@@ -56,8 +60,11 @@ def nb_model(tmp_path_factory):
 
 
 def _outputs(model, adata):
-    targets = TARGETS if model.module.perturbation_embedding.has_structure.any() else [
-        {"drug": "aspirin", "dose": 3.0}, {"drug": "KLF1"}]
+    targets = (
+        TARGETS
+        if model.module.perturbation_embedding.has_structure.any()
+        else [{"drug": "aspirin", "dose": 3.0}, {"drug": "KLF1"}]
+    )
     return {
         "prediction": model.predict(target=targets, n_cells_per_target=12, seed=1).X,
         "sampled": model.predict(target=targets, n_cells_per_target=12, seed=1, sample=True).X,
@@ -74,8 +81,7 @@ def _outputs(model, adata):
 def test_round_trip_is_exact(tmp_path, likelihood, smiles):
     model, adata = _train(likelihood, smiles)
     model.save(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json",
-                                                                  "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
     # the weights open with a loader that executes nothing (safetensors is not a pickle)
 
     weights = load_file(str(tmp_path / "m" / "model.safetensors"))
@@ -91,7 +97,7 @@ def test_round_trip_is_exact(tmp_path, likelihood, smiles):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))
     assert loaded.init_params_ == model.init_params_
     assert loaded.registry["setup_args"] == model.registry["setup_args"]
-    assert loaded._perturbation_state == model._perturbation_state
+    assert loaded.perturbation_registry == model.perturbation_registry
     assert loaded.module.likelihood == likelihood
     assert loaded.is_trained
 
@@ -100,7 +106,10 @@ def test_round_trip_with_saved_anndata_and_prefix(nb_model, tmp_path):
     model, adata, _ = nb_model
     model.save(tmp_path / "m", prefix="run1_", save_anndata=True)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
-        "run1_adata.h5ad", "run1_model.json", "run1_model.safetensors"]
+        "run1_adata.h5ad",
+        "run1_model.json",
+        "run1_model.safetensors",
+    ]
     loaded = PerturbX.load(tmp_path / "m", prefix="run1_")
     assert loaded.adata.n_obs == adata.n_obs
     np.testing.assert_array_equal(
@@ -212,8 +221,14 @@ def test_foreign_or_damaged_files_are_clear_errors(nb_model, tmp_path):
         {"scalar": np.float32(0.1), "int": np.int64(3), "nested": [{"x": [1, 2.5]}]},
         {"history": pd.DataFrame({"loss": [1.5, np.nan]}, index=pd.Index([0, 1], name="epoch"))},
     ],
-    ids=["arrays and tuples", "non-finite floats", "strings and bools", "odd keys", "scalars",
-         "dataframe"],
+    ids=[
+        "arrays and tuples",
+        "non-finite floats",
+        "strings and bools",
+        "odd keys",
+        "scalars",
+        "dataframe",
+    ],
 )
 def test_codec_restores_values_exactly(value):
     restored = from_plain(json.loads(json.dumps(to_plain(value))))

@@ -104,12 +104,15 @@ def test_outputs_on_disk_match_in_memory_in_requested_order(kind, tmp_path):
     np.testing.assert_allclose(
         model_disk.get_latent_representation(indices=cells, batch_size=4),
         model_memory.get_latent_representation(indices=cells, batch_size=4),
-        rtol=1e-5, atol=1e-6,
+        rtol=1e-5,
+        atol=1e-6,
     )
     expected = model_memory.get_latent_representation()[cells]
     np.testing.assert_allclose(
-        model_disk.get_latent_representation(indices=cells, batch_size=4), expected,
-        rtol=1e-5, atol=1e-6,
+        model_disk.get_latent_representation(indices=cells, batch_size=4),
+        expected,
+        rtol=1e-5,
+        atol=1e-6,
     )
     rec_disk = model_disk.reconstruct(indices=cells, batch_size=4)
     rec_memory = model_memory.reconstruct(indices=cells, batch_size=4)
@@ -135,8 +138,9 @@ def test_predict_conditions_from_training_controls_on_disk(tmp_path):
     pred_disk = model_disk.predict_conditions(treated, n_cells_per_target=40)
     pred_memory = model_memory.predict_conditions(treated, n_cells_per_target=40)
     is_control = memory.obs["drug"].to_numpy() == "control"
-    training_controls = set(memory.obs_names[model_memory.train_indices_[
-        is_control[model_memory.train_indices_]]])
+    training_controls = set(
+        memory.obs_names[model_memory.train_indices_[is_control[model_memory.train_indices_]]]
+    )
     assert set(pred_memory.obs["source_cell"]) <= training_controls
     assert list(pred_disk.obs["source_cell"]) == list(pred_memory.obs["source_cell"])
     np.testing.assert_allclose(pred_disk.X, pred_memory.X, rtol=1e-5, atol=1e-5)
@@ -152,13 +156,13 @@ def test_evaluate_on_disk_equals_evaluate_in_memory(tmp_path):
     # the training cells' means (the perturbed centroid) are read from the file
     disk = model_disk.evaluate(held_out, **kw)
     in_memory = model_memory.evaluate(held_out, **kw)
-    np.testing.assert_allclose(disk.references.layers["centroid"],
-                               in_memory.references.layers["centroid"], rtol=1e-6)
+    np.testing.assert_allclose(
+        disk.references.layers["centroid"], in_memory.references.layers["centroid"], rtol=1e-6
+    )
     got, want = disk.per_condition, in_memory.per_condition
     assert list(got["method"]) == list(want["method"]) and len(got) >= 4
     for metric in disk.metrics:
-        np.testing.assert_allclose(got[metric], want[metric], rtol=1e-5, atol=1e-6,
-                                   err_msg=metric)
+        np.testing.assert_allclose(got[metric], want[metric], rtol=1e-5, atol=1e-6, err_msg=metric)
 
 
 # --------------------------------------------------------- operations that need memory
@@ -223,8 +227,9 @@ def test_backed_counts_checked_in_chunks(dense, bad_value, message, tmp_path, mo
 # ------------------------------------------------------------------- bounded memory
 N_CELLS, N_GENES, WRITE_CHUNK = 120_000, 2_000, 10_000
 BATCH_SIZE = 128
-MEMORY_ARCH = dict(n_latent=16, n_hidden=64, n_layers=1, drug_encoder_hidden=32,
-                   adversary_hidden=16)
+MEMORY_ARCH = dict(
+    n_latent=16, n_hidden=64, n_layers=1, drug_encoder_hidden=32, adversary_hidden=16
+)
 
 
 def _write_screen(path: Path, n_cells: int, n_genes: int, seed: int = 0) -> int:
@@ -276,12 +281,16 @@ def _train_backed_and_report(path: str, report: str) -> None:
     n_epochs = len(model.history["reconstruction_loss_train"])
     in_memory = adata.X.to_memory()  # positive control: the measurement sees a loaded matrix
     loaded = _peak_rss_bytes()
-    Path(report).write_text(json.dumps({
-        "training_growth": trained - before,
-        "loading_growth": loaded - trained,
-        "n_epochs": n_epochs,
-        "nnz": int(in_memory.nnz),
-    }))
+    Path(report).write_text(
+        json.dumps(
+            {
+                "training_growth": trained - before,
+                "loading_growth": loaded - trained,
+                "n_epochs": n_epochs,
+                "nnz": int(in_memory.nnz),
+            }
+        )
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")

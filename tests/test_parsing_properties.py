@@ -15,30 +15,31 @@ from rdkit import Chem
 import perturbx.metrics as pm
 from _toy import SMALL_ARCH, setup_toy, toy_screen
 from perturbx import PerturbX
-from perturbx.data._fields import _label, split_smiles_combination
-from perturbx.data._parsing import (
+from perturbx.conditions import (
     MAX_DOSE,
     ConditionParseError,
     _balanced,
     format_condition,
     parse_condition,
     parse_condition_columns,
+    split_smiles_combination,
 )
+from perturbx.data._fields import _label
 
 FAST = settings(max_examples=60, deadline=None)
 CONTROL = "control"
 
 # Names whose brackets close: a combination member like ")-catechin" (from "(+)-catechin") is
 # rejected on purpose (test_setup_anndata / test_bad_input).
-names_strategy = st.text(string.ascii_letters + string.digits + "-_.()", min_size=1,
-                         max_size=8).filter(lambda n: n != CONTROL and _balanced(n))
+names_strategy = st.text(
+    string.ascii_letters + string.digits + "-_.()", min_size=1, max_size=8
+).filter(lambda n: n != CONTROL and _balanced(n))
 doses_strategy = st.floats(0.0, MAX_DOSE, allow_nan=False, allow_infinity=False)
 
 
 @st.composite
 def conditions(draw, min_members: int = 1, max_members: int = 4):
-    names = draw(st.lists(names_strategy, min_size=min_members, max_size=max_members,
-                          unique=True))
+    names = draw(st.lists(names_strategy, min_size=min_members, max_size=max_members, unique=True))
     doses = draw(st.lists(doses_strategy, min_size=len(names), max_size=len(names)))
     return tuple(names), tuple(doses)
 
@@ -108,12 +109,16 @@ def test_control_members_are_dropped_with_their_dose(condition, position):
 
 
 @FAST
-@given(st.lists(st.sampled_from(["control", "A", "B", "A+B", "B+A"]), min_size=2, max_size=30),
-       st.randoms(use_true_random=False))
+@given(
+    st.lists(st.sampled_from(["control", "A", "B", "A+B", "B+A"]), min_size=2, max_size=30),
+    st.randoms(use_true_random=False),
+)
 def test_parsing_columns_does_not_depend_on_row_order(perturbations, random):
     dose_of = {"control": "0", "A": "1", "B": "2", "A+B": "1+2", "B+A": "2+1"}
-    obs = pd.DataFrame({"p": perturbations, "d": [dose_of[p] for p in perturbations]},
-                       index=[f"c{i}" for i in range(len(perturbations))])
+    obs = pd.DataFrame(
+        {"p": perturbations, "d": [dose_of[p] for p in perturbations]},
+        index=[f"c{i}" for i in range(len(perturbations))],
+    )
     order = list(range(len(obs)))
     random.shuffle(order)
     per_cell = {}
@@ -124,8 +129,12 @@ def test_parsing_columns_does_not_depend_on_row_order(perturbations, random):
             for cell, code in zip(frame.index, codes, strict=True)
         }
     assert per_cell[0] == per_cell[1]
-    assert per_cell[0]["c0"] == dict(zip(*parse_condition(
-        perturbations[0], dose_of[perturbations[0]], control_value=CONTROL), strict=True))
+    assert per_cell[0]["c0"] == dict(
+        zip(
+            *parse_condition(perturbations[0], dose_of[perturbations[0]], control_value=CONTROL),
+            strict=True,
+        )
+    )
 
 
 # ------------------------------------------------------------------- SMILES combinations
@@ -171,8 +180,13 @@ def _assert_same_tables(first: pd.DataFrame, second: pd.DataFrame) -> None:
     numeric = first.select_dtypes("number").columns
     pd.testing.assert_frame_equal(first.drop(columns=numeric), second.drop(columns=numeric))
     # Means summed in another order differ in the last bits only.
-    np.testing.assert_allclose(first[numeric].to_numpy(float), second[numeric].to_numpy(float),
-                               rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(
+        first[numeric].to_numpy(float),
+        second[numeric].to_numpy(float),
+        rtol=1e-9,
+        atol=1e-12,
+        equal_nan=True,
+    )
 
 
 @settings(max_examples=3, deadline=None)

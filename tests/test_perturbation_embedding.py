@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from perturbx.nn import PerturbationEmbedding
+from perturbx.module import PerturbationEmbedding
 
 N_VOCAB, N_BITS, N_LATENT = 12, 16, 4
 

@@ -29,8 +29,12 @@ def trained():
     torch.set_num_threads(1)
     adata = perturbx.data.simulate_drug_screen(n_cells=1200, n_genes=60, n_drugs=4, seed=0)
     perturbx.PerturbX.setup_anndata(
-        adata, perturbation_key=DRUG, dose_key="dose", smiles_key="smiles",
-        control_value="control", covariate_keys=[COVARIATE],
+        adata,
+        perturbation_key=DRUG,
+        dose_key="dose",
+        smiles_key="smiles",
+        control_value="control",
+        covariate_keys=[COVARIATE],
     )
     model = perturbx.PerturbX(adata, n_latent=8, n_hidden=32, n_layers=1, adversary_hidden=16)
     model.train(max_epochs=3, batch_size=128, enable_progress_bar=False, seed=0)
@@ -46,8 +50,12 @@ def _close_figures():
 
 def _scatter(ax, label=None) -> PathCollection:
     """The scatter labelled ``label`` (``None``: the unlabelled one holding the points)."""
-    found = [c for c in ax.collections if isinstance(c, PathCollection)
-             and (c.get_label().startswith("_") if label is None else c.get_label() == label)]
+    found = [
+        c
+        for c in ax.collections
+        if isinstance(c, PathCollection)
+        and (c.get_label().startswith("_") if label is None else c.get_label() == label)
+    ]
     assert len(found) == 1, [c.get_label() for c in ax.collections]
     return found[0]
 
@@ -70,8 +78,14 @@ def test_dose_response_measured_points_are_the_data(trained, tmp_path):
     grid = [0.03, 0.3, 3.0, 30.0]
     path = tmp_path / "dose.png"
     axes = dose_response(
-        model, adata, ["Aspirin", "Caffeine"], genes, covariates={COVARIATE: CELL_TYPE},
-        doses=grid, score="mean_lfc", save=path,
+        model,
+        adata,
+        ["Aspirin", "Caffeine"],
+        genes,
+        covariates={COVARIATE: CELL_TYPE},
+        doses=grid,
+        score="mean_lfc",
+        save=path,
     )
     assert path.stat().st_size > 0
     assert len(axes) == 2 and len(axes[0].get_figure().axes) == 2
@@ -83,8 +97,10 @@ def test_dose_response_measured_points_are_the_data(trained, tmp_path):
     for ax, drug in zip(axes, ["Aspirin", "Caffeine"], strict=True):
         cells = in_type & (obs[DRUG] == drug).to_numpy()
         doses = np.unique(obs.loc[cells, "dose"])
-        expected = [(expression[cells & (obs["dose"] == d).to_numpy()].mean(axis=0)
-                     - control_mean).mean() for d in doses]
+        expected = [
+            (expression[cells & (obs["dose"] == d).to_numpy()].mean(axis=0) - control_mean).mean()
+            for d in doses
+        ]
         points = _scatter(ax, "measured").get_offsets()
         assert len(points) == len(doses) == 3
         np.testing.assert_allclose(points[:, 0], doses)
@@ -125,8 +141,9 @@ def test_dose_response_accepts_log_normalised_layer(trained):
         axes = dose_response(model, adata, layer="lognorm", layer_is_counts=False, **kwargs)
     finally:
         del adata.layers["lognorm"]
-    np.testing.assert_allclose(_scatter(axes[0], "measured").get_offsets(), from_counts,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _scatter(axes[0], "measured").get_offsets(), from_counts, rtol=1e-5, atol=1e-6
+    )
     assert "top 7 genes" in axes[0].get_ylabel()
 
 
@@ -155,8 +172,12 @@ def test_training_history_panels_lines_and_chance_levels(trained, tmp_path):
     axes = training_history(model, save=path)
     assert path.stat().st_size > 0
     # The default (variational) model has a KL term, plotted after the reconstruction loss.
-    assert [ax.get_ylabel() for ax in axes] == ["reconstruction_loss", "kl_local",
-                                                "adversary_loss", "accuracy"]
+    assert [ax.get_ylabel() for ax in axes] == [
+        "reconstruction_loss",
+        "kl_local",
+        "adversary_loss",
+        "accuracy",
+    ]
     assert all(ax.get_xlabel() == "epoch" for ax in axes)
     recon = axes[0]
     for split in ("train", "validation"):
@@ -175,8 +196,10 @@ def test_training_history_panels_lines_and_chance_levels(trained, tmp_path):
     assert len(accuracy.lines) == 6  # 2 adversaries x (train, validation) + 2 chance lines
     # chance = frequency of the most common label among the training cells
     train_obs = adata.obs.iloc[model.train_indices_]
-    expected = {"perturbation": train_obs[DRUG].value_counts(normalize=True).max(),
-                COVARIATE: train_obs[COVARIATE].value_counts(normalize=True).max()}
+    expected = {
+        "perturbation": train_obs[DRUG].value_counts(normalize=True).max(),
+        COVARIATE: train_obs[COVARIATE].value_counts(normalize=True).max(),
+    }
     for name, level in expected.items():
         chance = _line(accuracy, f"{name} (chance)")
         assert chance.get_linestyle() == "--"
@@ -190,8 +213,12 @@ def test_training_history_panels_lines_and_chance_levels(trained, tmp_path):
 
 def test_training_history_custom_keys_and_chance_levels(trained):
     model, _ = trained
-    axes = training_history(model, ["adversary_lambda", "elbo_validation", "adversary_accuracy"],
-                            chance_levels={"perturbation": 0.5}, ncols=2)
+    axes = training_history(
+        model,
+        ["adversary_lambda", "elbo_validation", "adversary_accuracy"],
+        chance_levels={"perturbation": 0.5},
+        ncols=2,
+    )
     assert len(axes) == 3 and len(axes[0].get_figure().axes) == 3
     assert [line.get_label() for line in axes[0].lines] == ["adversary_lambda"]
     assert [line.get_label() for line in axes[1].lines] == ["validation"]
@@ -256,18 +283,27 @@ def _lfc_data(n_genes=30, n_cells=6, pred_offset=0.0):
     var = pd.DataFrame(index=[f"g{i}" for i in genes])
 
     def block(rows, drug, dose):
-        obs = pd.DataFrame({"drug": drug, "dose": dose, "cell_type": "T"},
-                           index=[f"{drug}{dose}_{i}" for i in range(n_cells)])
+        obs = pd.DataFrame(
+            {"drug": drug, "dose": dose, "cell_type": "T"},
+            index=[f"{drug}{dose}_{i}" for i in range(n_cells)],
+        )
         return np.tile(rows, (n_cells, 1)), obs
 
-    parts = [block(base, "control", 0.0), block(base + delta, "D", 1.0),
-             block(base + 5 * delta, "D", 10.0)]
-    real = AnnData(np.vstack([p[0] for p in parts]), obs=pd.concat([p[1] for p in parts]),
-                   var=var)
-    parts = [block(base + pred_offset + delta + wobble, "D", "1.0"),
-             block(base + pred_offset, "control", "")]
-    pred = AnnData(np.vstack([p[0] for p in parts]), obs=pd.concat([p[1] for p in parts]),
-                   var=var.iloc[::-1].copy())  # another gene order: matched by name
+    parts = [
+        block(base, "control", 0.0),
+        block(base + delta, "D", 1.0),
+        block(base + 5 * delta, "D", 10.0),
+    ]
+    real = AnnData(np.vstack([p[0] for p in parts]), obs=pd.concat([p[1] for p in parts]), var=var)
+    parts = [
+        block(base + pred_offset + delta + wobble, "D", "1.0"),
+        block(base + pred_offset, "control", ""),
+    ]
+    pred = AnnData(
+        np.vstack([p[0] for p in parts]),
+        obs=pd.concat([p[1] for p in parts]),
+        var=var.iloc[::-1].copy(),
+    )  # another gene order: matched by name
     pred.X = pred.X[:, ::-1]
     return pred, real, delta, delta + wobble
 
@@ -275,9 +311,18 @@ def _lfc_data(n_genes=30, n_cells=6, pred_offset=0.0):
 def test_lfc_scatter_points_are_the_known_fold_changes(tmp_path):
     pred, real, true_lfc, pred_lfc = _lfc_data()
     path = tmp_path / "lfc.svg"
-    ax = lfc_scatter(pred, real, {"drug": "D", "dose": 1}, perturbation_key="drug",
-                     dose_key="dose", n_genes=8, real_counts=False, pred_counts=False,
-                     annotate=2, save=path)
+    ax = lfc_scatter(
+        pred,
+        real,
+        {"drug": "D", "dose": 1},
+        perturbation_key="drug",
+        dose_key="dose",
+        n_genes=8,
+        real_counts=False,
+        pred_counts=False,
+        annotate=2,
+        save=path,
+    )
     assert path.stat().st_size > 0
     top = np.arange(29, 21, -1)  # the 8 largest |delta|, largest first
     points = _scatter(ax, "top 8 genes").get_offsets()
@@ -294,8 +339,13 @@ def test_lfc_scatter_points_are_the_known_fold_changes(tmp_path):
 
 def test_lfc_scatter_reference_control():
     pred, real, true_lfc, pred_lfc = _lfc_data(pred_offset=0.5)
-    keys = {"perturbation_key": "drug", "dose_key": "dose", "real_counts": False,
-            "pred_counts": False, "n_genes": 5}
+    keys = {
+        "perturbation_key": "drug",
+        "dose_key": "dose",
+        "real_counts": False,
+        "pred_counts": False,
+        "n_genes": 5,
+    }
     condition = {"drug": "D", "dose": "1.0", "cell_type": "T"}
     against_real = _scatter(lfc_scatter(pred, real, condition, **keys), "top 5 genes")
     against_real = against_real.get_offsets()
@@ -309,14 +359,18 @@ def test_lfc_scatter_reference_control():
 def test_lfc_scatter_counts_and_prediction_metadata():
     rng = np.random.default_rng(0)
     control_row, treated_row = rng.integers(1, 50, 12), rng.integers(1, 50, 12)
-    real = AnnData(np.vstack([np.tile(control_row, (4, 1)), np.tile(treated_row, (4, 1))])
-                   .astype(np.float32),
-                   obs=pd.DataFrame({"drug": ["ctl"] * 4 + ["D"] * 4},
-                                    index=[f"c{i}" for i in range(8)]))
+    real = AnnData(
+        np.vstack([np.tile(control_row, (4, 1)), np.tile(treated_row, (4, 1))]).astype(np.float32),
+        obs=pd.DataFrame({"drug": ["ctl"] * 4 + ["D"] * 4}, index=[f"c{i}" for i in range(8)]),
+    )
     pred = real[4:].copy()
     pred.X = pred.X * 3.5  # expected counts at another library size: same after normalising
-    pred.uns["perturbx_prediction"] = {"likelihood": "nb", "perturbation_key": "drug",
-                                       "control_value": "ctl", "dose_key": None}
+    pred.uns["perturbx_prediction"] = {
+        "likelihood": "nb",
+        "perturbation_key": "drug",
+        "control_value": "ctl",
+        "dose_key": None,
+    }
     ax = lfc_scatter(pred, real, "D", n_genes=12)
     expected = (_log_normalised(treated_row[None]) - _log_normalised(control_row[None]))[0]
     points = _scatter(ax, "top 12 genes").get_offsets()
@@ -330,11 +384,19 @@ def test_lfc_scatter_wilcoxon_finds_the_changed_genes():
     n_genes, changed = 40, [3, 11, 17, 25, 33]
     values = rng.normal(2.0, 0.3, (80, n_genes))
     values[40:, changed] += 2.0
-    obs = pd.DataFrame({"drug": ["control"] * 40 + ["D"] * 40},
-                       index=[f"c{i}" for i in range(80)])
+    obs = pd.DataFrame({"drug": ["control"] * 40 + ["D"] * 40}, index=[f"c{i}" for i in range(80)])
     real = AnnData(values, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
-    ax = lfc_scatter(real[40:].copy(), real, "D", perturbation_key="drug", n_genes=5,
-                     rank_by="wilcoxon", real_counts=False, pred_counts=False, annotate=5)
+    ax = lfc_scatter(
+        real[40:].copy(),
+        real,
+        "D",
+        perturbation_key="drug",
+        n_genes=5,
+        rank_by="wilcoxon",
+        real_counts=False,
+        pred_counts=False,
+        annotate=5,
+    )
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"g{g}" for g in changed)
     assert "by wilcoxon" in ax.get_title()
 

@@ -30,14 +30,20 @@ def _data(seed=0, n_genes=60):
     base = rng.gamma(2.0, 1.0, n_genes) + 0.2
     shared = rng.normal(0, 0.8, n_genes) * (rng.random(n_genes) < 0.4)
     blocks, drugs = [], []
-    for name, n in [("control", 60)] + [(f"E{i}", 16) for i in range(4)] + [
-            (f"T{i}", 16) for i in range(3)]:
-        fold = 0.0 if name == "control" else shared + rng.normal(0, 1, n_genes) * (
-            rng.random(n_genes) < 0.2)
+    for name, n in (
+        [("control", 60)] + [(f"E{i}", 16) for i in range(4)] + [(f"T{i}", 16) for i in range(3)]
+    ):
+        fold = (
+            0.0
+            if name == "control"
+            else shared + rng.normal(0, 1, n_genes) * (rng.random(n_genes) < 0.2)
+        )
         blocks.append(rng.poisson(base * np.exp(fold) * 15, (n, n_genes)))
         drugs += [name] * n
-    real = AnnData(np.vstack(blocks).astype(np.float32),
-                   obs=pd.DataFrame({"drug": drugs}, index=[f"c{i}" for i in range(len(drugs))]))
+    real = AnnData(
+        np.vstack(blocks).astype(np.float32),
+        obs=pd.DataFrame({"drug": drugs}, index=[f"c{i}" for i in range(len(drugs))]),
+    )
     real.var_names = [f"g{i}" for i in range(n_genes)]
     pred = real[real.obs["drug"].str.startswith("E")].copy()
     # a noisy model: real cells plus noise
@@ -71,8 +77,11 @@ def test_normalised_panel_has_bars_lines_and_labels(result):
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("mean baseline" in t for t in legend)
     assert any("positive control" in t for t in legend)
-    levels = sorted(line.get_ydata()[0] for line in ax.lines if line.get_label().startswith(
-        ("mean baseline", "positive control")))
+    levels = sorted(
+        line.get_ydata()[0]
+        for line in ax.lines
+        if line.get_label().startswith(("mean baseline", "positive control"))
+    )
     assert levels == [0.0, 1.0]
     assert "normalised" in ax.get_ylabel()
 
@@ -88,14 +97,18 @@ def test_poorly_calibrated_metrics_are_starred(result):
 
 def test_raw_mode_without_positive_control_shows_baselines_as_bars(tmp_path):
     pred, real = _data(seed=1)
-    raw = pm.score(pred, real, perturbation_key="drug", top_k=(10,),
-                   baselines=("control_mean", "perturbed_centroid"))
+    raw = pm.score(
+        pred,
+        real,
+        perturbation_key="drug",
+        top_k=(10,),
+        baselines=("control_mean", "perturbed_centroid"),
+    )
     fig, given_ax = plt.subplots()
     path = tmp_path / "summary.png"
     ax = evaluation_summary(raw, METRICS, ax=given_ax, save=path)
     assert ax is given_ax and path.stat().st_size > 0
-    assert [c.get_label() for c in _bars(ax)] == ["model", "control_mean",
-                                                      "perturbed_centroid"]
+    assert [c.get_label() for c in _bars(ax)] == ["model", "control_mean", "perturbed_centroid"]
     assert _bars(ax)[2].patches[0].get_hatch() == "//"
     assert _bars(ax)[0].patches[0].get_hatch() is None
     expected = raw.per_condition.query("method == 'perturbed_centroid'")["mse"].median()

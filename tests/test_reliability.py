@@ -53,15 +53,20 @@ def test_covariate_categories_in_another_order_are_coded_by_value(trained):
     np.testing.assert_array_equal(got.X, expected.X)
     pd.testing.assert_frame_equal(got.obs, expected.obs)
     for kind in ("basal", "full"):
-        np.testing.assert_array_equal(model.get_latent_representation(other, kind=kind),
-                                      model.get_latent_representation(adata, kind=kind))
+        np.testing.assert_array_equal(
+            model.get_latent_representation(other, kind=kind),
+            model.get_latent_representation(adata, kind=kind),
+        )
     np.testing.assert_array_equal(model.reconstruct(other).X, model.reconstruct(adata).X)
     loaded = PerturbX.load(path, adata=_reordered_categories(adata))
-    np.testing.assert_array_equal(loaded.get_latent_representation(kind="full"),
-                                  model.get_latent_representation(adata, kind="full"))
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(kind="full"),
+        model.get_latent_representation(adata, kind="full"),
+    )
     kw = dict(n_cells_per_target=20, baselines=("perturbed_centroid",))
-    pd.testing.assert_frame_equal(model.evaluate(other, **kw).per_condition,
-                                  model.evaluate(adata.copy(), **kw).per_condition)
+    pd.testing.assert_frame_equal(
+        model.evaluate(other, **kw).per_condition, model.evaluate(adata.copy(), **kw).per_condition
+    )
 
 
 # ------------------------------------------------------------ 2. non-finite in score
@@ -74,9 +79,11 @@ def _score_inputs():
 
 @pytest.mark.parametrize(
     ("where", "value", "match"),
-    [("pred", np.nan, r"pred\.X has a non-finite value \(nan\) at row"),
-     ("real", np.nan, r"real\.X has a non-finite value \(nan\)"),
-     ("real", np.inf, r"real\.X has a non-finite value \(inf\)")],
+    [
+        ("pred", np.nan, r"pred\.X has a non-finite value \(nan\) at row"),
+        ("real", np.nan, r"real\.X has a non-finite value \(nan\)"),
+        ("real", np.inf, r"real\.X has a non-finite value \(inf\)"),
+    ],
 )
 def test_score_rejects_non_finite_values_naming_row_condition_and_gene(where, value, match):
     pred, real = _score_inputs()
@@ -119,16 +126,18 @@ def test_dose_zero_is_no_perturbation(trained):
     zero = model.predict(controls, target={"drug": "aspirin", "dose": 0.0})
     control = model.predict(controls, target={"drug": "control"})
     np.testing.assert_allclose(zero.X, control.X, rtol=1e-6)
-    assert not np.allclose(model.predict(controls, target={"drug": "aspirin", "dose": 3.0}).X,
-                           control.X)
+    assert not np.allclose(
+        model.predict(controls, target={"drug": "aspirin", "dose": 3.0}).X, control.X
+    )
 
 
 def test_a_target_dict_without_a_dose_means_dose_one(trained):
     model, adata, _ = trained
     kw = dict(n_cells_per_target=10, seed=0)
     omitted = model.predict(target=[{"drug": "aspirin"}, {"drug": "caffeine", "dose": 3.0}], **kw)
-    explicit = model.predict(target=[{"drug": "aspirin", "dose": 1.0},
-                                     {"drug": "caffeine", "dose": 3.0}], **kw)
+    explicit = model.predict(
+        target=[{"drug": "aspirin", "dose": 1.0}, {"drug": "caffeine", "dose": 3.0}], **kw
+    )
     np.testing.assert_array_equal(omitted.X, explicit.X)
 
 
@@ -138,7 +147,8 @@ def _gene_screen(smiles: bool):
     adata.obs["drug"] = adata.obs["drug"].replace("KLF1", "CNN1")
     if not smiles:
         adata.obs["drug"] = adata.obs["drug"].replace(
-            {"aspirin": "KLF1", "caffeine": "TP53", "aspirin+caffeine": "KLF1+TP53"})
+            {"aspirin": "KLF1", "caffeine": "TP53", "aspirin+caffeine": "KLF1+TP53"}
+        )
     setup_toy(adata, **({} if smiles else {"smiles_key": None}))
     model = PerturbX(adata, **SMALL_ARCH)
     model.train(max_epochs=1, batch_size=64, seed=0, **QUIET)
@@ -148,14 +158,17 @@ def _gene_screen(smiles: bool):
 def test_a_typo_of_a_gene_is_not_read_as_a_molecule():
     genetic = _gene_screen(smiles=False)
     # "CNN" parses as a SMILES (methylamine-like), but the model has no drug encoder
-    with pytest.raises(ValueError, match="'CNN' is not known.*did you mean 'CNN1'.*no drug "
-                                         "encoder"):
+    with pytest.raises(
+        ValueError, match="'CNN' is not known.*did you mean 'CNN1'.*no drug encoder"
+    ):
         genetic.predict(target="CNN")
     with pytest.raises(ValueError, match="'CCO' is not known.*no drug encoder.*SMILES"):
         genetic.predict(target={"drug": "CCO", "smiles": "CCO"})
     mixed = _gene_screen(smiles=True)
-    with pytest.raises(ValueError, match="'CNN' is not known.*did you mean 'CNN1'.*with its "
-                                         "SMILES in a 'smiles' column"):
+    with pytest.raises(
+        ValueError,
+        match="'CNN' is not known.*did you mean 'CNN1'.*with its SMILES in a 'smiles' column",
+    ):
         mixed.predict(target="CNN")
     # given as a SMILES on purpose, it is a new molecule
     pred = mixed.predict(target={"drug": "CNN", "smiles": "CNN"}, n_cells_per_target=5)
@@ -167,20 +180,29 @@ def test_a_typo_of_a_gene_is_not_read_as_a_molecule():
 # -------------------------------------------------------------- 6. look-alike molecules
 def _two_names_screen(smiles_a: str, smiles_b: str):
     adata = toy_screen(n_cells=200)
-    adata.obs["smiles"] = adata.obs["smiles"].str.replace(TOY_SMILES["aspirin"], smiles_a,
-                                                          regex=False)
-    adata.obs["smiles"] = adata.obs["smiles"].str.replace(TOY_SMILES["caffeine"], smiles_b,
-                                                          regex=False)
+    adata.obs["smiles"] = adata.obs["smiles"].str.replace(
+        TOY_SMILES["aspirin"], smiles_a, regex=False
+    )
+    adata.obs["smiles"] = adata.obs["smiles"].str.replace(
+        TOY_SMILES["caffeine"], smiles_b, regex=False
+    )
     adata.obs["drug"] = adata.obs["drug"].replace(
-        {"aspirin": "ruxolitinib", "caffeine": "S-ruxolitinib",
-         "aspirin+caffeine": "ruxolitinib+S-ruxolitinib"})
+        {
+            "aspirin": "ruxolitinib",
+            "caffeine": "S-ruxolitinib",
+            "aspirin+caffeine": "ruxolitinib+S-ruxolitinib",
+        }
+    )
     return adata
 
 
 def test_setup_warns_about_molecules_the_model_cannot_tell_apart():
     adata = _two_names_screen(RUXOLITINIB, S_RUXOLITINIB)
-    with pytest.warns(UserWarning, match=r"\['S-ruxolitinib', 'ruxolitinib'\] \(different "
-                                         r"molecules\).*fingerprint_chirality=True"):
+    with pytest.warns(
+        UserWarning,
+        match=r"\['S-ruxolitinib', 'ruxolitinib'\] \(different "
+        r"molecules\).*fingerprint_chirality=True",
+    ):
         setup_toy(adata)
     same = _two_names_screen(RUXOLITINIB, RUXOLITINIB)
     with pytest.warns(UserWarning, match=r"\(one molecule\).*merge the names"):
@@ -191,7 +213,7 @@ def test_setup_warns_about_molecules_the_model_cannot_tell_apart():
         setup_toy(chiral, fingerprint_chirality=True)
     model = PerturbX(chiral, **SMALL_ARCH)
     fingerprints = model.module.perturbation_embedding.fingerprints.numpy()
-    assert model.featurizer.chirality and model._perturbation_state["fingerprint"]["chirality"]
+    assert model.featurizer.chirality and model.perturbation_registry["fingerprint"]["chirality"]
     assert not np.array_equal(fingerprints[0], fingerprints[1])
 
 
@@ -202,7 +224,7 @@ def test_one_molecule_written_two_ways_is_one_smiles():
     adata.obs["smiles"] = adata.obs["smiles"].astype(object)
     adata.obs.iloc[rows, adata.obs.columns.get_loc("smiles")] = kekule
     setup_toy(adata)
-    state = PerturbX(adata, **SMALL_ARCH)._perturbation_state
+    state = PerturbX(adata, **SMALL_ARCH).perturbation_registry
     assert state["smiles"][state["vocabulary"].index("aspirin")] == "CC(=O)Oc1ccccc1C(=O)O"
 
 
@@ -220,8 +242,11 @@ def test_doses_written_two_ways_are_one_condition(trained):
 
 
 # ---------------------------------------------------------- order invariance (property)
-@settings(max_examples=10, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(st.randoms(use_true_random=False), st.booleans(), st.booleans(), st.booleans())
 def test_predictions_and_scores_do_not_depend_on_category_obs_or_gene_order(
     trained, rng, shuffle_categories, shuffle_obs, shuffle_genes
@@ -245,11 +270,16 @@ def test_predictions_and_scores_do_not_depend_on_category_obs_or_gene_order(
     expected = model.predict(adata.copy(), target="aspirin")
     got = model.predict(other, target="aspirin")
     expected_by_cell = pd.DataFrame(np.asarray(expected.X), index=expected.obs["source_cell"])
-    got_by_cell = pd.DataFrame(np.asarray(got.X), index=got.obs["source_cell"],
-                               columns=range(got.n_vars))
+    got_by_cell = pd.DataFrame(
+        np.asarray(got.X), index=got.obs["source_cell"], columns=range(got.n_vars)
+    )
     # (batches of other cells: float32 matrix products round differently, by ~1e-7)
-    np.testing.assert_allclose(got_by_cell.loc[expected_by_cell.index].to_numpy(),
-                               expected_by_cell.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got_by_cell.loc[expected_by_cell.index].to_numpy(),
+        expected_by_cell.to_numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # evaluate: the same scores
     kw = dict(n_cells_per_target=20, baselines=("perturbed_centroid",))
     np.testing.assert_array_equal(
@@ -258,9 +288,12 @@ def test_predictions_and_scores_do_not_depend_on_category_obs_or_gene_order(
     )
     # load: the same latent for the same cells
     loaded = PerturbX.load(path, adata=other.copy())
-    latent = pd.DataFrame(loaded.get_latent_representation(kind="full"),
-                          index=loaded.adata.obs_names)
-    reference = pd.DataFrame(model.get_latent_representation(adata, kind="full"),
-                             index=adata.obs_names)
-    np.testing.assert_allclose(latent.loc[reference.index].to_numpy(), reference.to_numpy(),
-                               rtol=1e-5, atol=1e-6)
+    latent = pd.DataFrame(
+        loaded.get_latent_representation(kind="full"), index=loaded.adata.obs_names
+    )
+    reference = pd.DataFrame(
+        model.get_latent_representation(adata, kind="full"), index=adata.obs_names
+    )
+    np.testing.assert_allclose(
+        latent.loc[reference.index].to_numpy(), reference.to_numpy(), rtol=1e-5, atol=1e-6
+    )

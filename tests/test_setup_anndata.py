@@ -6,8 +6,8 @@ import pytest
 from _toy import TOY_SMILES, setup_toy, toy_screen
 from perturbx import PerturbX
 from perturbx.chem import InvalidSmilesError
-from perturbx.data._fields import OBSM_KEY, split_smiles_combination
-from perturbx.data._parsing import ConditionParseError
+from perturbx.conditions import ConditionParseError, split_smiles_combination
+from perturbx.data._fields import OBSM_KEY
 
 
 def _set_first(adata, drug, column, value):
@@ -40,15 +40,14 @@ def test_smiles_registered_canonically_and_genes_learned():
     adata = toy_screen()
     setup_toy(adata)
     model = PerturbX(adata)
-    state = model._perturbation_state
+    state = model.perturbation_registry
     smiles = dict(zip(state["vocabulary"], state["smiles"], strict=True))
     assert smiles["KLF1"] is None
     from rdkit import Chem
 
     expected = Chem.MolToSmiles(Chem.MolFromSmiles(TOY_SMILES["aspirin"]))
     assert smiles["aspirin"] == expected
-    assert state["fingerprint"] == {"radius": 2, "n_bits": 2048, "counts": True,
-                                   "chirality": False}
+    assert state["fingerprint"] == {"radius": 2, "n_bits": 2048, "counts": True, "chirality": False}
 
 
 def test_no_dose_column_means_dose_one():
@@ -65,7 +64,7 @@ def test_smiles_mapping_instead_of_column():
     adata = toy_screen()
     setup_toy(adata, smiles_key=dict(TOY_SMILES))
     model = PerturbX(adata)
-    assert sum(s is not None for s in model._perturbation_state["smiles"]) == 2
+    assert sum(s is not None for s in model.perturbation_registry["smiles"]) == 2
 
 
 def test_smiles_split_respects_bracket_charges():

@@ -16,8 +16,14 @@ from perturbx.data.splits import (
 )
 
 SINGLES = ["A", "B", "C", "D", "E", "F"]
-PATHWAY = {"A": "kinase", "B": "kinase", "C": "kinase", "D": "chromatin", "E": "chromatin",
-           "F": "chromatin"}
+PATHWAY = {
+    "A": "kinase",
+    "B": "kinase",
+    "C": "kinase",
+    "D": "chromatin",
+    "E": "chromatin",
+    "F": "chromatin",
+}
 COMBOS = ["A+B", "C+D", "E+G"]  # G is never measured alone
 CELLS_PER_CONDITION = 5
 CONTROLS_PER_CELL_TYPE = 20
@@ -97,8 +103,9 @@ def test_unseen_perturbations_holds_out_every_cell_with_the_drug(toy):
 
 
 def test_unseen_perturbations_controls_split_per_covariate(toy):
-    split_unseen_perturbations(toy, "drug", held_out="A", covariate_keys=["cell_type"],
-                               control_fractions=(0.8, 0.1, 0.1))
+    split_unseen_perturbations(
+        toy, "drug", held_out="A", covariate_keys=["cell_type"], control_fractions=(0.8, 0.1, 0.1)
+    )
     controls = toy.obs[toy.obs["drug"] == "control"]
     table = pd.crosstab(controls["cell_type"], controls["split"])
     for cell_type in ("X", "Y"):
@@ -125,43 +132,63 @@ def test_unseen_perturbations_does_not_depend_on_row_order(toy):
     order = np.random.default_rng(0).permutation(shuffled.n_obs)
     shuffled = shuffled[order].copy()
     split_unseen_perturbations(shuffled, "drug", n_held_out=2, seed=5)
-    assert (toy.uns["perturbx_splits"]["split"]["held_out"]
-            == shuffled.uns["perturbx_splits"]["split"]["held_out"])
+    assert (
+        toy.uns["perturbx_splits"]["split"]["held_out"]
+        == shuffled.uns["perturbx_splits"]["split"]["held_out"]
+    )
 
 
 def test_unseen_perturbations_fraction_stratified_and_required(toy):
     # F lacks SMILES, G occurs only in E+G whose cells all have SMILES.
     for seed in range(5):
-        split_unseen_perturbations(toy, "drug", n_held_out=0.5, require_key="has_smiles",
-                                   seed=seed)
+        split_unseen_perturbations(toy, "drug", n_held_out=0.5, require_key="has_smiles", seed=seed)
         held = toy.uns["perturbx_splits"]["split"]["held_out"]
         assert len(held) == 3 and "F" not in held  # round(0.5 * 6 candidates)
     for seed in range(5):
-        split_unseen_perturbations(toy, "drug", n_held_out=2, stratify_key="pathway",
-                                   require_key="has_smiles", seed=seed)
+        split_unseen_perturbations(
+            toy, "drug", n_held_out=2, stratify_key="pathway", require_key="has_smiles", seed=seed
+        )
         held = toy.uns["perturbx_splits"]["split"]["held_out"]
         assert sorted(PATHWAY.get(p, "?") for p in held) == ["chromatin", "kinase"]
 
 
 def test_unseen_perturbations_validation_units(toy):
-    split_unseen_perturbations(toy, "drug", dose_key="dose", held_out=["A"],
-                               validation_fraction=0.3, validation_unit="condition")
+    split_unseen_perturbations(
+        toy,
+        "drug",
+        dose_key="dose",
+        held_out=["A"],
+        validation_fraction=0.3,
+        validation_unit="condition",
+    )
     obs = toy.obs[toy.obs["drug"] != "control"]
     splits_per_condition = obs.groupby(["drug", "dose"])["split"].nunique()
     assert (splits_per_condition == 1).all()  # whole conditions
     n_validation = obs[obs["split"] == "validation"].groupby(["drug", "dose"]).ngroups
     assert n_validation == round(0.3 * (10 + 2))  # 12 non-control conditions without A
 
-    split_unseen_perturbations(toy, "drug", dose_key="dose", held_out=["A"],
-                               validation_fraction=0.4, validation_unit="cell",
-                               covariate_keys=["cell_type"])
+    split_unseen_perturbations(
+        toy,
+        "drug",
+        dose_key="dose",
+        held_out=["A"],
+        validation_fraction=0.4,
+        validation_unit="cell",
+        covariate_keys=["cell_type"],
+    )
     obs = toy.obs[(toy.obs["drug"] != "control") & (toy.obs["split"] != "test")]
     per_group = obs.groupby(["drug", "dose", "cell_type"])["split"]
     assert (per_group.apply(lambda s: (s == "validation").sum()) == 2).all()  # round(0.4 * 5)
     assert (per_group.apply(lambda s: (s == "train").sum()) == 3).all()
 
-    split_unseen_perturbations(toy, "drug", held_out=["A"], validation_fraction=0.2,
-                               validation_unit="perturbation", require_key="has_smiles")
+    split_unseen_perturbations(
+        toy,
+        "drug",
+        held_out=["A"],
+        validation_fraction=0.2,
+        validation_unit="perturbation",
+        require_key="has_smiles",
+    )
     chosen = toy.uns["perturbx_splits"]["split"]["validation_perturbations"]
     assert len(chosen) == 1 and chosen[0] in {"B", "C", "D", "E", "G"}  # round(0.2 * 5)
     has_chosen = members(toy.obs).map(lambda m: chosen[0] in m and "A" not in m)
@@ -200,8 +227,9 @@ def test_unseen_perturbations_errors_leave_adata_unchanged(toy):
 
 def test_unseen_perturbations_on_lincs(lincs):
     adata = lincs.copy()
-    split_unseen_perturbations(adata, "perturbation", dose_key="dose", n_held_out=10,
-                               require_key="has_smiles", seed=1)
+    split_unseen_perturbations(
+        adata, "perturbation", dose_key="dose", n_held_out=10, require_key="has_smiles", seed=1
+    )
     obs = adata.obs
     held = set(adata.uns["perturbx_splits"]["split"]["held_out"])
     assert len(held) == 10
@@ -218,9 +246,9 @@ def test_unseen_combinations_members_are_seen(toy):
     split_unseen_combinations(toy, "drug", dose_key="dose", held_out=["B+A"])  # order-free
     obs = toy.obs
     assert set(obs.loc[obs["split"] == "test", "drug"]) == {"A+B", "control"}
-    train_singles = set(obs.loc[(obs["split"] == "train") & ~obs["drug"].str.contains("+",
-                                                                                     regex=False),
-                                "drug"])
+    train_singles = set(
+        obs.loc[(obs["split"] == "train") & ~obs["drug"].str.contains("+", regex=False), "drug"]
+    )
     assert {"A", "B"} <= train_singles
     assert_controls_in_every_split(obs)
 
@@ -243,21 +271,29 @@ def test_unseen_combinations_candidates_and_errors(toy):
 
 def test_unseen_combinations_on_norman_devel(devel):
     adata = devel.copy()
-    summary = split_unseen_combinations(adata, "perturbation", dose_key="dose", n_held_out=3,
-                                        covariate_keys=["cell_type"], seed=0)
+    summary = split_unseen_combinations(
+        adata, "perturbation", dose_key="dose", n_held_out=3, covariate_keys=["cell_type"], seed=0
+    )
     obs = adata.obs
-    test_combos = set(obs.loc[(obs["split"] == "test") & (obs["perturbation"] != "control"),
-                              "perturbation"])
+    test_combos = set(
+        obs.loc[(obs["split"] == "test") & (obs["perturbation"] != "control"), "perturbation"]
+    )
     assert len(test_combos) == 3 and all("+" in c for c in test_combos)
-    train_singles = set(obs.loc[(obs["split"] == "train")
-                                & ~obs["perturbation"].str.contains("+", regex=False),
-                                "perturbation"])
+    train_singles = set(
+        obs.loc[
+            (obs["split"] == "train") & ~obs["perturbation"].str.contains("+", regex=False),
+            "perturbation",
+        ]
+    )
     for combo in test_combos:
         assert set(combo.split("+")) <= train_singles
     for cell_type in ("k562", "A172", "T98G", "U87MG"):
         controls = obs[(obs["perturbation"] == "control") & (obs["cell_type"] == cell_type)]
-        assert controls["split"].value_counts().to_dict() == {"train": 80, "validation": 10,
-                                                              "test": 10}
+        assert controls["split"].value_counts().to_dict() == {
+            "train": 80,
+            "validation": 10,
+            "test": 10,
+        }
     assert summary["n_cells"].sum() == adata.n_obs
     # Only 5 pairs of the subset have both genes measured alone.
     with pytest.raises(ValueError, match="only 5 combinations"):
@@ -283,8 +319,7 @@ def test_unseen_cell_types(toy):
     assert set(test["drug"]) == {"A", "C", "A+B", "C+D"}
     assert {"A", "C"} <= names_in(obs[obs["cell_type"] == "X"], "train")
     controls_y = obs[(obs["drug"] == "control") & (obs["cell_type"] == "Y")]
-    assert controls_y["split"].value_counts().to_dict() == {"train": 16, "validation": 2,
-                                                           "test": 2}
+    assert controls_y["split"].value_counts().to_dict() == {"train": 16, "validation": 2, "test": 2}
     untouched = obs[(obs["cell_type"] == "Y") & obs["drug"].isin(["B", "D"])]
     assert (untouched["split"] != "test").all()
 
@@ -311,8 +346,7 @@ def test_unseen_cell_types_on_devel(devel):
     assert held <= set(other_types_train["perturbation"])
     # KLF1 is only measured in K562, so it cannot be held out in A172.
     with pytest.raises(ValueError, match=r"\['KLF1'\] are not measured both in 'A172'"):
-        split_unseen_cell_types(adata, "perturbation", "cell_type", "A172",
-                                perturbations=["KLF1"])
+        split_unseen_cell_types(adata, "perturbation", "cell_type", "A172", perturbations=["KLF1"])
 
 
 # ----------------------------------------------------------------------------- unseen doses

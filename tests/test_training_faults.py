@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from _toy import SMALL_ARCH, setup_toy, toy_screen
 from perturbx import PerturbX
-from perturbx._model_files import from_plain, to_plain
+from perturbx.model._files import from_plain, to_plain
 from perturbx.train import NonFiniteLossError
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
@@ -55,8 +55,9 @@ class _Recorder(Callback):
         if optimizer is not trainer.optimizers[0]:  # the autoencoder's optimiser only
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.gradient_norms.append(float(torch.linalg.vector_norm(torch.cat(
-            [g.flatten() for g in grads]))))
+        self.gradient_norms.append(
+            float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+        )
 
 
 class _BreakReconstructionAt(Callback):
@@ -107,8 +108,14 @@ def test_gradient_clipping_bounds_the_autoencoder_gradient_norm():
     for clip_value in (None, clip):
         recorder = _Recorder()
         model = _model()
-        model.train(max_epochs=2, batch_size=32, seed=0, callbacks=[recorder],
-                    plan_kwargs={"gradient_clip_val": clip_value}, **QUIET)
+        model.train(
+            max_epochs=2,
+            batch_size=32,
+            seed=0,
+            callbacks=[recorder],
+            plan_kwargs={"gradient_clip_val": clip_value},
+            **QUIET,
+        )
         norms[clip_value] = np.array(recorder.gradient_norms)
         assert len(norms[clip_value]) >= 4
     assert norms[None].max() > 10 * clip  # clipping has something to do here
@@ -161,16 +168,24 @@ def test_resume_from_a_lightning_checkpoint_restores_epoch_and_optimisers(tmp_pa
     plan = {"adversary_weight": 5.0, "n_epochs_adversary_warmup": 5}
     first = _model()
     recorder = _Recorder()
-    first.train(max_epochs=2, batch_size=64, seed=0, callbacks=[recorder], plan_kwargs=plan,
-                **QUIET)
+    first.train(
+        max_epochs=2, batch_size=64, seed=0, callbacks=[recorder], plan_kwargs=plan, **QUIET
+    )
     n_autoencoder_steps = len(recorder.gradient_norms)
     checkpoint = tmp_path / "last.ckpt"
     first.trainer.save_checkpoint(checkpoint)
 
     resumed = _model()  # same setup, fresh weights
     recorder = _Recorder()
-    resumed.train(max_epochs=3, batch_size=64, seed=0, ckpt_path=str(checkpoint),
-                  callbacks=[recorder], plan_kwargs=plan, **QUIET)
+    resumed.train(
+        max_epochs=3,
+        batch_size=64,
+        seed=0,
+        ckpt_path=str(checkpoint),
+        callbacks=[recorder],
+        plan_kwargs=plan,
+        **QUIET,
+    )
     assert recorder.epochs == [2]  # only the missing epoch ran
     assert recorder.start_adam_steps == n_autoencoder_steps  # Adam moments restored
     saved = _weights(first)
@@ -212,14 +227,16 @@ def test_round_trip_keeps_split_registry_and_predictions(saved):
     model, adata, path = saved
     loaded = PerturbX.load(path, adata=adata)
     split = adata.obs["split"].to_numpy()
-    for name, indices in (("train", loaded.train_indices), ("validation",
-                          loaded.validation_indices), ("test", loaded.test_indices)):
+    for name, indices in (
+        ("train", loaded.train_indices),
+        ("validation", loaded.validation_indices),
+        ("test", loaded.test_indices),
+    ):
         assert set(split[indices]) == {name}
         np.testing.assert_array_equal(np.sort(indices), np.flatnonzero(split == name))
-    state = loaded._perturbation_state
-    assert state == model._perturbation_state
-    assert state["fingerprint"] == {"radius": 3, "n_bits": 512, "counts": False,
-                                   "chirality": False}
+    state = loaded.perturbation_registry
+    assert state == model.perturbation_registry
+    assert state["fingerprint"] == {"radius": 3, "n_bits": 512, "counts": False, "chirality": False}
     assert loaded.featurizer.to_dict() == state["fingerprint"]
     target = [{"drug": "aspirin+caffeine", "dose": "1+10"}, {"drug": "CC(C)Cc1ccc(cc1)C(C)C(O)=O"}]
     np.testing.assert_array_equal(
@@ -250,8 +267,14 @@ def _edit_saved_registry(path, target, edit):
         (lambda s: s["fingerprint"].update(n_bits=1024), "do not fit the model"),
         (lambda s: s["smiles"].pop(), "3 perturbations but 2 SMILES"),
     ],
-    ids=["removed key", "removed fingerprint key", "other version", "changed radius",
-         "changed fingerprint size", "inconsistent"],
+    ids=[
+        "removed key",
+        "removed fingerprint key",
+        "other version",
+        "changed radius",
+        "changed fingerprint size",
+        "inconsistent",
+    ],
 )
 @pytest.mark.parametrize("with_adata", [True, False], ids=["with adata", "without adata"])
 def test_loading_a_changed_registry_is_a_clear_error(saved, tmp_path, edit, match, with_adata):

@@ -47,8 +47,14 @@ SPACE = {
     "adversary_hidden": 16,
 }
 # How this test expects a configuration to reach the model (written out independently).
-MODEL_ARGS = ("n_latent", "dropout_rate", "n_hidden", "n_layers", "drug_encoder_hidden",
-              "adversary_hidden")
+MODEL_ARGS = (
+    "n_latent",
+    "dropout_rate",
+    "n_hidden",
+    "n_layers",
+    "drug_encoder_hidden",
+    "adversary_hidden",
+)
 PLAN_ARGS = ("lr", "adversary_weight", "adversary_every")
 
 
@@ -57,8 +63,13 @@ def tiny_screen():
         n_cells=600, n_genes=50, n_drugs=8, doses=(1.0, 10.0), n_affected_genes=10, seed=0
     )
     split_unseen_perturbations(
-        adata, "drug", dose_key="dose", n_held_out=2, validation_unit="perturbation",
-        validation_fraction=0.3, covariate_keys=["cell_type"],
+        adata,
+        "drug",
+        dose_key="dose",
+        n_held_out=2,
+        validation_unit="perturbation",
+        validation_fraction=0.3,
+        covariate_keys=["cell_type"],
     )
     return adata
 
@@ -86,7 +97,7 @@ def search(tmp_path_factory):
 
 
 def config_of(row) -> dict:
-    return {k[len("config/"):]: row[k] for k in row.index if k.startswith("config/")}
+    return {k[len("config/") :]: row[k] for k in row.index if k.startswith("config/")}
 
 
 def retrain_and_score(adata, config: dict, cells: str) -> tuple[float, list[str]]:
@@ -103,11 +114,16 @@ def retrain_and_score(adata, config: dict, cells: str) -> tuple[float, list[str]
     try:
         model = PerturbX(adata, **{k: config[k] for k in MODEL_ARGS})
         model.train(
-            max_epochs=MAX_EPOCHS, batch_size=int(config["batch_size"]), split_key="split",
-            plan_kwargs={k: config[k] for k in PLAN_ARGS}, seed=SEED, enable_progress_bar=False,
+            max_epochs=MAX_EPOCHS,
+            batch_size=int(config["batch_size"]),
+            split_key="split",
+            plan_kwargs={k: config[k] for k in PLAN_ARGS},
+            seed=SEED,
+            enable_progress_bar=False,
         )
         evaluation = model.evaluate(
-            adata[adata.obs["split"] == cells].copy(), baselines=("perturbed_centroid",),
+            adata[adata.obs["split"] == cells].copy(),
+            baselines=("perturbed_centroid",),
             seed=SEED,
         )
     finally:
@@ -154,8 +170,17 @@ def test_reported_metric_is_that_of_the_validation_conditions(search):
 
 def test_default_search_space_is_documented_and_routable():
     space = default_search_space()
-    assert set(space) == {"n_latent", "dropout_rate", "dose_response", "lr", "dose_lr",
-                          "dispersion_lr", "adversary_lr", "adversary_weight", "adversary_every"}
+    assert set(space) == {
+        "n_latent",
+        "dropout_rate",
+        "dose_response",
+        "lr",
+        "dose_lr",
+        "dispersion_lr",
+        "adversary_lr",
+        "adversary_weight",
+        "adversary_every",
+    }
     known = {k for keys in search_space_keys().values() for k in keys}
     assert set(space) <= known
     assert "adversary_weight" in search_space_keys()["plan"]
@@ -165,8 +190,12 @@ def test_default_search_space_is_documented_and_routable():
 def test_unknown_search_space_key_is_named():
     adata = tiny_screen()
     with pytest.raises(ValueError, match="n_latnet"):
-        run_search(adata, setup_kwargs=SETUP, search_space={"n_latnet": tune.choice([8, 16])},
-                   num_samples=1)
+        run_search(
+            adata,
+            setup_kwargs=SETUP,
+            search_space={"n_latnet": tune.choice([8, 16])},
+            num_samples=1,
+        )
     assert not ray.is_initialized()
 
 

@@ -102,7 +102,8 @@ def _kernel_available() -> None:
 def _prepare(path: Path):
     notebook = nbformat.read(path, as_version=4)
     tagged = [
-        i for i, cell in enumerate(notebook.cells)
+        i
+        for i, cell in enumerate(notebook.cells)
         if "parameters" in cell.get("metadata", {}).get("tags", [])
     ]
     assert len(tagged) == 1, f"{path.name}: expected one cell tagged 'parameters'"
@@ -136,7 +137,10 @@ def test_tutorial_runs(path: Path, tmp_path: Path, monkeypatch, request):
     if path.name.startswith("04_"):
         assert (tmp_path / "quickstart_model").is_dir(), "the kernel did not run in tmp_path"
     errors = [
-        output for cell in notebook.cells if cell.cell_type == "code"
-        for output in cell.get("outputs", []) if output.get("output_type") == "error"
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "error"
     ]
     assert not errors

@@ -10,7 +10,7 @@ import torch
 from _toy import SMALL_ARCH, setup_toy, toy_screen
 from perturbx import PerturbX
 from perturbx.data import simulate_drug_screen
-from perturbx.nn import RIDGE_PENALTY, FingerprintRidge
+from perturbx.module import RIDGE_PENALTY, FingerprintRidge
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False)
 # Not among the simulator's drugs: a molecule given by SMILES only.
@@ -86,8 +86,10 @@ def test_ridge_embeds_only_molecules_without_training_cells(ridge_model):
     assert not np.allclose(with_ridge.loc[unseen].to_numpy(), encoder.loc[unseen].to_numpy())
     # The ridge's prediction, computed by hand from its coefficients and the fingerprints.
     fingerprints = model.featurizer(
-        [*(model._perturbation_state["smiles"][vocabulary.index(d)] for d in held_out),
-         NEW_MOLECULE]
+        [
+            *(model.perturbation_registry["smiles"][vocabulary.index(d)] for d in held_out),
+            NEW_MOLECULE,
+        ]
     )
     by_hand = fingerprints @ ridge.coef.numpy() + ridge.intercept.numpy()
     np.testing.assert_allclose(with_ridge.loc[unseen].to_numpy(), by_hand, rtol=1e-5, atol=1e-5)

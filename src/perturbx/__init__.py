@@ -16,7 +16,18 @@ try:
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
-_SUBMODULES = ("baselines", "chem", "data", "datasets", "metrics", "plotting", "tune")
+_SUBMODULES = (
+    "baselines",
+    "chem",
+    "data",
+    "datasets",
+    "metrics",
+    "model",
+    "module",
+    "plotting",
+    "train",
+    "tune",
+)
 __all__ = ["PerturbX", "PerturbXEnsemble", "__version__", *_SUBMODULES]
 
 
@@ -27,7 +38,7 @@ def __getattr__(name: str):
 
         return PerturbX
     if name == "PerturbXEnsemble":
-        from perturbx.ensemble import PerturbXEnsemble
+        from perturbx.model import PerturbXEnsemble
 
         return PerturbXEnsemble
     if name in _SUBMODULES:

@@ -24,7 +24,7 @@ import pandas as pd
 from anndata import AnnData
 from sklearn.linear_model import RidgeCV
 
-from perturbx.data._parsing import format_condition, parse_condition
+from perturbx.conditions import format_condition, parse_condition
 from perturbx.metrics._pseudobulk import (
     DEFAULT_TARGET_SUM,
     condition_table,
@@ -40,20 +40,32 @@ DEFAULT_ALPHAS = tuple(np.logspace(-2, 5, 15))
 class _TrainingMeans:
     """Per-condition means of the training cells, keyed by ``(covariates, names, doses)``."""
 
-    def __init__(self, train, *, perturbation_key, dose_key, covariate_keys, control_value,
-                 layer, counts, target_sum):
+    def __init__(
+        self,
+        train,
+        *,
+        perturbation_key,
+        dose_key,
+        covariate_keys,
+        control_value,
+        layer,
+        counts,
+        target_sum,
+    ):
         table, codes = condition_table(
-            train.obs, perturbation_key=perturbation_key, dose_key=dose_key,
-            covariate_keys=covariate_keys, control_value=control_value, dataset="train",
+            train.obs,
+            perturbation_key=perturbation_key,
+            dose_key=dose_key,
+            covariate_keys=covariate_keys,
+            control_value=control_value,
+            dataset="train",
         )
         matrix, _ = log_normalise(
             get_expression(train, layer), counts=counts, target_sum=target_sum
         )
         means, _ = group_means(matrix, codes, len(table))
         self.means = dict(zip(table["key"], means, strict=True))
-        self.controls = {
-            key[0]: self.means[key] for key in table.loc[table["is_control"], "key"]
-        }
+        self.controls = {key[0]: self.means[key] for key in table.loc[table["is_control"], "key"]}
 
     def control(self, covariates: tuple, target: str) -> np.ndarray:
         if covariates not in self.controls:
@@ -63,30 +75,36 @@ class _TrainingMeans:
         return self.controls[covariates]
 
 
-def _target_keys(targets: pd.DataFrame, perturbation_key, dose_key, covariate_keys,
-                 control_value) -> list[tuple]:
+def _target_keys(
+    targets: pd.DataFrame, perturbation_key, dose_key, covariate_keys, control_value
+) -> list[tuple]:
     missing = [k for k in [perturbation_key, dose_key, *covariate_keys] if k and k not in targets]
     if missing:
         raise KeyError(f"targets lack the column(s) {missing}.")
     keys = []
     for _, row in targets.iterrows():
         names, doses = parse_condition(
-            row[perturbation_key], row[dose_key] if dose_key else None,
-            control_value=control_value, where="targets",
+            row[perturbation_key],
+            row[dose_key] if dose_key else None,
+            control_value=control_value,
+            where="targets",
         )
         if not names:
             raise ValueError("targets contain a control row; baselines predict perturbations.")
         pairs = sorted(zip(names, doses, strict=True))
-        keys.append((
-            tuple(str(row[k]) for k in covariate_keys),
-            tuple(n for n, _ in pairs),
-            tuple(d for _, d in pairs),
-        ))
+        keys.append(
+            (
+                tuple(str(row[k]) for k in covariate_keys),
+                tuple(n for n, _ in pairs),
+                tuple(d for _, d in pairs),
+            )
+        )
     return keys
 
 
-def _as_anndata(rows, keys, var_names, *, perturbation_key, dose_key, covariate_keys,
-                control_value, method) -> AnnData:
+def _as_anndata(
+    rows, keys, var_names, *, perturbation_key, dose_key, covariate_keys, control_value, method
+) -> AnnData:
     records = []
     for covariates, names, doses in keys:
         perturbation, dose = format_condition(names, doses, control_value=control_value)
@@ -158,9 +176,14 @@ def linear_baseline(
     if len(dims) != 1 or len(next(iter(dims))) != 1:
         raise ValueError(f"features must be 1-D vectors of one length; got shapes {dims}.")
     means = _TrainingMeans(
-        train, perturbation_key=perturbation_key, dose_key=dose_key,
-        covariate_keys=covariate_keys, control_value=control_value, layer=layer,
-        counts=counts, target_sum=target_sum,
+        train,
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        control_value=control_value,
+        layer=layer,
+        counts=counts,
+        target_sum=target_sum,
     )
 
     def design(names, doses) -> np.ndarray:
@@ -177,7 +200,8 @@ def linear_baseline(
         control = means.control(covariates, label)
         if covariates not in models:
             train_keys = [
-                k for k in means.means
+                k
+                for k in means.means
                 if k[0] == covariates and k[1] and all(n in features for n in k[1])
             ]
             if len(train_keys) < 2:
@@ -191,8 +215,14 @@ def linear_baseline(
         delta = models[covariates].predict(design(names, doses)[None, :])[0]
         rows.append(control + delta)
     return _as_anndata(
-        rows, keys, train.var_names, perturbation_key=perturbation_key, dose_key=dose_key,
-        covariate_keys=covariate_keys, control_value=control_value, method=method,
+        rows,
+        keys,
+        train.var_names,
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        control_value=control_value,
+        method=method,
     )
 
 
@@ -240,9 +270,14 @@ def additive_baseline(
     covariate_keys = list(covariate_keys)
     keys = _target_keys(targets, perturbation_key, dose_key, covariate_keys, control_value)
     means = _TrainingMeans(
-        train, perturbation_key=perturbation_key, dose_key=dose_key,
-        covariate_keys=covariate_keys, control_value=control_value, layer=layer,
-        counts=counts, target_sum=target_sum,
+        train,
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        control_value=control_value,
+        layer=layer,
+        counts=counts,
+        target_sum=target_sum,
     )
     rows = []
     for covariates, names, doses in keys:
@@ -259,6 +294,12 @@ def additive_baseline(
             delta += means.means[single] - control
         rows.append(control + delta)
     return _as_anndata(
-        rows, keys, train.var_names, perturbation_key=perturbation_key, dose_key=dose_key,
-        covariate_keys=covariate_keys, control_value=control_value, method=method,
+        rows,
+        keys,
+        train.var_names,
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        control_value=control_value,
+        method=method,
     )

@@ -256,8 +256,12 @@ class MorganFeaturizer:
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict (for a model registry or JSON)."""
-        return {"radius": self.radius, "n_bits": self.n_bits, "counts": self.counts,
-                "chirality": self.chirality}
+        return {
+            "radius": self.radius,
+            "n_bits": self.n_bits,
+            "counts": self.counts,
+            "chirality": self.chirality,
+        }
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> MorganFeaturizer:
@@ -475,14 +479,19 @@ def warn_indistinguishable_molecules(
         return []
     fingerprints = featurizer([s for _, s in named])
     _, group, counts = np.unique(fingerprints, axis=0, return_inverse=True, return_counts=True)
-    groups = [[named[i][0] for i in np.flatnonzero(group.ravel() == g)]
-              for g in np.flatnonzero(counts > 1)]
+    groups = [
+        [named[i][0] for i in np.flatnonzero(group.ravel() == g)]
+        for g in np.flatnonzero(counts > 1)
+    ]
     if groups:
         smiles_of = dict(named)
-        kinds = ["one molecule" if len({smiles_of[n] for n in names}) == 1
-                 else "different molecules" for names in groups]
-        described = "; ".join(f"{names} ({kind})" for names, kind in zip(groups, kinds,
-                                                                         strict=True))
+        kinds = [
+            "one molecule" if len({smiles_of[n] for n in names}) == 1 else "different molecules"
+            for names in groups
+        ]
+        described = "; ".join(
+            f"{names} ({kind})" for names, kind in zip(groups, kinds, strict=True)
+        )
         warnings.warn(
             f"The model cannot tell these perturbations apart (identical fingerprints, so "
             f"identical embeddings and predictions): {described}. For stereoisomers, set "

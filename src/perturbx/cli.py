@@ -63,6 +63,7 @@ def demo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the ``perturbx`` command line (``perturbx demo``); ``argv`` defaults to sys.argv."""
     parser = argparse.ArgumentParser(prog="perturbx", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("demo", help="simulate a screen, train, score held-out drugs")

@@ -1,6 +1,6 @@
 """Data: registration helpers, the drug-screen simulator and out-of-distribution splits."""
 
-from perturbx.data._parsing import format_condition, parse_condition
+from perturbx.conditions import format_condition, parse_condition
 from perturbx.data._writing import write_counts_h5ad
 from perturbx.data.simulate import (
     builtin_drug_smiles,

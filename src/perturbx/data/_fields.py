@@ -1,6 +1,6 @@
 """scvi-tools AnnData field that registers perturbations, doses and drug structures.
 
-The field parses the perturbation and dose columns once (see :mod:`perturbx.data._parsing`),
+The field parses the perturbation and dose columns once (see :mod:`perturbx.conditions`),
 builds the perturbation vocabulary and writes one dense ``.obsm`` array that the data loader
 hands to the module. Its state registry (vocabulary, canonical SMILES, fingerprint settings,
 adversary labels) is stored by :class:`scvi.data.AnnDataManager`, so it travels with
@@ -19,10 +19,11 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import BaseAnnDataField, CategoricalJointObsField
 
-from perturbx.data._parsing import (
+from perturbx.conditions import (
     COMBINATION_SEPARATOR,
     Condition,
     parse_condition_columns,
+    split_smiles_combination,
 )
 
 PERTURBATIONS_KEY = "perturbations"
@@ -67,25 +68,6 @@ def check_registry_state(state: Mapping) -> None:
             f"The saved perturbation registry is inconsistent: {len(state['vocabulary'])} "
             f"perturbations but {len(state['smiles'])} SMILES entries."
         )
-
-
-def split_smiles_combination(smiles: str) -> list[str]:
-    """Split ``"SMILES_A+SMILES_B"`` into its members.
-
-    ``+`` also occurs in SMILES, but only inside square brackets (charges such as ``[N+]``),
-    so members are separated by the ``+`` signs found outside brackets.
-    """
-    members, depth, start = [], 0, 0
-    for i, char in enumerate(smiles):
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        elif char == COMBINATION_SEPARATOR and depth == 0:
-            members.append(smiles[start:i].strip())
-            start = i + 1
-    members.append(smiles[start:].strip())
-    return members
 
 
 def close_matches_text(value: str, known: Sequence[str]) -> str:
@@ -147,8 +129,7 @@ def collect_smiles(
                     continue
                 previous = found.setdefault(name, smi)
                 if previous != smi and (
-                    canonicalize is None
-                    or canonicalize(previous, name) != canonicalize(smi, name)
+                    canonicalize is None or canonicalize(previous, name) != canonicalize(smi, name)
                 ):
                     raise ValueError(
                         f"perturbation {name!r} has two different SMILES in "

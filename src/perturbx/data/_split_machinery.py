@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from perturbx.data._parsing import Condition, parse_condition_columns
+from perturbx.conditions import Condition, parse_condition_columns
 
 SPLIT_VALUES = ("train", "validation", "test")
 # Labels are held as int8 codes into SPLIT_VALUES while a split is built.
@@ -30,8 +30,17 @@ _TRAIN, _VALIDATION, _TEST = 0, 1, 2
 class _Setup:
     """Validated inputs and parsed conditions shared by the split functions."""
 
-    def __init__(self, adata, perturbation_key, dose_key, control_value, control_fractions,
-                 covariate_keys, validation_fraction, extra_keys):
+    def __init__(
+        self,
+        adata,
+        perturbation_key,
+        dose_key,
+        control_value,
+        control_fractions,
+        covariate_keys,
+        validation_fraction,
+        extra_keys,
+    ):
         if not isinstance(adata, AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
         self.adata = adata
@@ -40,8 +49,10 @@ class _Setup:
             ("stratify_key/require_key", k) for k in extra_keys if k is not None
         ]:
             if key not in adata.obs.columns:
-                raise KeyError(f"{argument}: {key!r} is not a column of adata.obs; available: "
-                               f"{list(adata.obs.columns)}.")
+                raise KeyError(
+                    f"{argument}: {key!r} is not a column of adata.obs; available: "
+                    f"{list(adata.obs.columns)}."
+                )
         self.control_fractions = _check_control_fractions(control_fractions)
         if not 0.0 <= float(validation_fraction) < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}.")
@@ -56,8 +67,9 @@ class _Setup:
         if self.is_control_condition.all():
             raise ValueError(f"obs[{perturbation_key!r}] holds only controls ({control_value!r}).")
         if not self.is_control_condition.any():
-            raise ValueError(f"No cell has the control label {control_value!r} in "
-                             f"obs[{perturbation_key!r}].")
+            raise ValueError(
+                f"No cell has the control label {control_value!r} in obs[{perturbation_key!r}]."
+            )
         self.is_control_cell = self.is_control_condition[self.codes]
 
     def perturbation_names(self, cell_mask: np.ndarray | None = None) -> list[str]:
@@ -84,8 +96,10 @@ class _Setup:
                 strata.setdefault(name, set()).update(v for v in values if not pd.isna(v))
         for name, values in strata.items():
             if len(values) > 1:
-                raise ValueError(f"stratify_key: perturbation {name!r} has {len(values)} values in "
-                                 f"obs[{key!r}] ({sorted(map(str, values))}); need exactly one.")
+                raise ValueError(
+                    f"stratify_key: perturbation {name!r} has {len(values)} values in "
+                    f"obs[{key!r}] ({sorted(map(str, values))}); need exactly one."
+                )
         # Perturbations without a value share one stratum of their own.
         return {name: str(next(iter(values), "<missing>")) for name, values in strata.items()}
 
@@ -135,8 +149,11 @@ class _Setup:
             raise ValueError(f"split_key={split_key!r} would overwrite an input column.")
         perturbed_validation = (labels == _VALIDATION) & ~self.is_control_cell
         if self.validation_fraction > 0 and not perturbed_validation.any():
-            warnings.warn("No perturbed cell could be moved to validation (too few eligible "
-                          "conditions or cells); validation holds controls only.", stacklevel=3)
+            warnings.warn(
+                "No perturbed cell could be moved to validation (too few eligible "
+                "conditions or cells); validation holds controls only.",
+                stacklevel=3,
+            )
         self._split_controls(labels, rng)
         adata = self.adata
         adata.obs[split_key] = pd.Categorical.from_codes(labels, categories=list(SPLIT_VALUES))
@@ -146,8 +163,9 @@ class _Setup:
 
     def _group_codes(self, extra: np.ndarray | None = None) -> np.ndarray:
         """``(n_cells,)`` codes of the covariate groups (crossed with ``extra`` codes)."""
-        columns = [pd.factorize(self.adata.obs[k].astype(str), sort=True)[0]
-                   for k in self.covariate_keys]
+        columns = [
+            pd.factorize(self.adata.obs[k].astype(str), sort=True)[0] for k in self.covariate_keys
+        ]
         if extra is not None:
             columns.append(np.asarray(extra))
         combined = np.zeros(self.n_cells, dtype=np.int64)
@@ -164,14 +182,18 @@ class _Setup:
         shares = np.array([_split_counts(n, self.control_fractions) for n in counts])
         too_small = (counts < 3) & (self.control_fractions[1:] > 0).any()
         if too_small.any():
-            warnings.warn(f"{too_small.sum()} covariate group(s) have fewer than 3 control cells, "
-                          "so some splits get no controls from them.", stacklevel=4)
+            warnings.warn(
+                f"{too_small.sum()} covariate group(s) have fewer than 3 control cells, "
+                "so some splits get no controls from them.",
+                stacklevel=4,
+            )
         order = _shuffle_within_groups(groups, rng)
         rank = np.empty(len(cells), dtype=np.int64)
         rank[order] = np.arange(len(cells)) - np.r_[0, np.cumsum(counts)][groups[order]]
         n_train, n_val = shares[groups, 0], shares[groups, 1]
-        labels[cells] = np.where(rank < n_train, _TRAIN,
-                                 np.where(rank < n_train + n_val, _VALIDATION, _TEST))
+        labels[cells] = np.where(
+            rank < n_train, _TRAIN, np.where(rank < n_train + n_val, _VALIDATION, _TEST)
+        )
 
 
 # ----------------------------------------------------------------------------- cell counts
@@ -190,15 +212,22 @@ def _summary(labels, codes, conditions) -> pd.DataFrame:
                 continue
             here = np.flatnonzero((kinds == kind_code) & (per_condition[split_code] > 0))
             names = {n for c in here for n in conditions[c][0]}
-            rows.append({"split": split, "kind": kind,
-                         "n_cells": int(per_condition[split_code, here].sum()),
-                         "n_conditions": len(here), "n_perturbations": len(names)})
+            rows.append(
+                {
+                    "split": split,
+                    "kind": kind,
+                    "n_cells": int(per_condition[split_code, here].sum()),
+                    "n_conditions": len(here),
+                    "n_perturbations": len(names),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _split_counts(n: int, fractions: np.ndarray) -> list[int]:
     """Split ``n`` cells by ``fractions`` (largest remainder); give validation and test at least
-    one cell each when their fraction is positive and ``n >= 3``."""
+    one cell each when their fraction is positive and ``n >= 3``.
+    """
     raw = fractions * n
     counts = np.floor(raw).astype(int)
     for i in np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]:
@@ -232,8 +261,10 @@ def _pick_per_group(indices, groups, n_per_group, rng) -> np.ndarray:
 def _check_control_fractions(fractions: Sequence[float]) -> np.ndarray:
     values = np.asarray(fractions, dtype=float)
     if values.shape != (3,) or (values < 0).any() or not np.isclose(values.sum(), 1.0):
-        raise ValueError("control_fractions must be three non-negative numbers (train, "
-                         f"validation, test) summing to 1, got {tuple(fractions)!r}.")
+        raise ValueError(
+            "control_fractions must be three non-negative numbers (train, "
+            f"validation, test) summing to 1, got {tuple(fractions)!r}."
+        )
     return values
 
 
@@ -255,8 +286,10 @@ def _resolve_count(value, n_available: int, argument: str, what: str) -> int:
     if count < 1:
         raise ValueError(f"{argument}={value!r}: need at least one.")
     if count > n_available:
-        raise ValueError(f"{argument}={value!r} asks to hold out {count} but there are only "
-                         f"{n_available} {what}.")
+        raise ValueError(
+            f"{argument}={value!r} asks to hold out {count} but there are only "
+            f"{n_available} {what}."
+        )
     return count
 
 

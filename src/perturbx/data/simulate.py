@@ -463,7 +463,7 @@ def _index_of(values: Any, label: str, what: str) -> int:
 
 
 def _lfc(truth: Mapping[str, Any], drug: int, dose: float, cell_type: int) -> np.ndarray:
-    """lfc of drug index ``drug`` at ``dose`` µM in cell-type index ``cell_type``: (n_genes,)."""
+    """Lfc of drug index ``drug`` at ``dose`` µM in cell-type index ``cell_type``: (n_genes,)."""
     ec50 = float(np.asarray(truth["ec50_um"])[drug])
     hill = float(np.asarray(truth["hill"])[drug])
     multiplier = float(np.asarray(truth["cell_type_multiplier"])[drug, cell_type])

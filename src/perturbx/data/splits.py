@@ -4,7 +4,7 @@ Each function writes a categorical column ``adata.obs[split_key]`` with values `
 ``"validation"`` and ``"test"``, records what it held out in
 ``adata.uns["perturbx_splits"][split_key]``, and returns a summary table (cells, conditions and
 perturbations per split and kind). A *condition* is one parsed ``(perturbations, doses)`` pair
-(see :mod:`perturbx.data._parsing`); its *members* are the perturbations it combines.
+(see :mod:`perturbx.conditions`); its *members* are the perturbations it combines.
 
 Control cells are split too, by ``control_fractions`` within every covariate group, so that
 evaluation has unseen control cells in every split. Random choices use
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from perturbx.data._parsing import (
+from perturbx.conditions import (
     COMBINATION_SEPARATOR,
     ConditionParseError,
     parse_condition,
@@ -90,7 +90,7 @@ def split_unseen_perturbations(
     adata
         Annotated data; only ``adata.obs`` and ``adata.uns`` are touched.
     perturbation_key, dose_key, control_value
-        Columns and control label, as in :func:`~perturbx.data._parsing.parse_condition_columns`.
+        Columns and control label, as in :func:`~perturbx.conditions.parse_condition_columns`.
     held_out, n_held_out
         The perturbations to hold out, or how many to draw at random.
     stratify_key
@@ -117,8 +117,16 @@ def split_unseen_perturbations(
         ``n_conditions`` and ``n_perturbations``.
     """
     _check_unit(validation_unit, ("condition", "cell", "perturbation"))
-    setup = _Setup(adata, perturbation_key, dose_key, control_value, control_fractions,
-                   covariate_keys, validation_fraction, [stratify_key, require_key])
+    setup = _Setup(
+        adata,
+        perturbation_key,
+        dose_key,
+        control_value,
+        control_fractions,
+        covariate_keys,
+        validation_fraction,
+        [stratify_key, require_key],
+    )
     rng = np.random.default_rng(seed)
     names = setup.perturbation_names()
     candidates = names
@@ -131,8 +139,10 @@ def split_unseen_perturbations(
         held = _check_requested(held_out, names, "held_out", "perturbation")
         rejected = sorted(held - set(candidates))
         if rejected:
-            raise ValueError(f"held_out: {rejected} have cells where obs[{require_key!r}] is not "
-                             "True, so they cannot be held out.")
+            raise ValueError(
+                f"held_out: {rejected} have cells where obs[{require_key!r}] is not "
+                "True, so they cannot be held out."
+            )
     elif n_held_out is not None:
         k = _resolve_count(n_held_out, len(candidates), "n_held_out", "perturbations")
         strata = setup.stratum_of_names(stratify_key) if stratify_key else None
@@ -153,8 +163,11 @@ def split_unseen_perturbations(
         chosen = set()
         eligible = ~is_test & ~setup.is_control_condition
         setup.assign_validation(labels, validation_unit, eligible, rng)
-    info = {"strategy": "unseen_perturbations", "held_out": sorted(held),
-            "validation_perturbations": sorted(chosen)}
+    info = {
+        "strategy": "unseen_perturbations",
+        "held_out": sorted(held),
+        "validation_perturbations": sorted(chosen),
+    }
     return setup.finish(labels, split_key, seed, info, rng)
 
 
@@ -187,17 +200,29 @@ def split_unseen_combinations(
         Combinations as ``"A+B"`` strings, or how many (or which fraction) of the candidates to
         draw. A requested combination with a member never seen alone is an error.
 
+    Notes
+    -----
     Other parameters and the return value are as in :func:`split_unseen_perturbations`.
     """
     _check_unit(validation_unit, ("condition", "cell"))
-    setup = _Setup(adata, perturbation_key, dose_key, control_value, control_fractions,
-                   covariate_keys, validation_fraction, [])
+    setup = _Setup(
+        adata,
+        perturbation_key,
+        dose_key,
+        control_value,
+        control_fractions,
+        covariate_keys,
+        validation_fraction,
+        [],
+    )
     rng = np.random.default_rng(seed)
     singles = {n[0] for n, _ in setup.conditions if len(n) == 1}
     combos = {_combination_label(n) for n, _ in setup.conditions if len(n) > 1}
     if not combos:
-        raise ValueError(f"obs[{perturbation_key!r}] has no combinations (entries joined by "
-                         f"{COMBINATION_SEPARATOR!r}).")
+        raise ValueError(
+            f"obs[{perturbation_key!r}] has no combinations (entries joined by "
+            f"{COMBINATION_SEPARATOR!r})."
+        )
     candidates = sorted(c for c in combos if set(c.split(COMBINATION_SEPARATOR)) <= singles)
     if held_out is not None and n_held_out is not None:
         raise ValueError("Give either held_out or n_held_out, not both.")
@@ -207,12 +232,18 @@ def split_unseen_combinations(
         for combo in sorted(held):
             unseen = sorted(set(combo.split(COMBINATION_SEPARATOR)) - singles)
             if unseen:
-                raise ValueError(f"held_out: combination {combo!r} has member(s) {unseen} never "
-                                 "seen as a single perturbation, so it is not an unseen "
-                                 "combination of seen perturbations.")
+                raise ValueError(
+                    f"held_out: combination {combo!r} has member(s) {unseen} never "
+                    "seen as a single perturbation, so it is not an unseen "
+                    "combination of seen perturbations."
+                )
     elif n_held_out is not None:
-        k = _resolve_count(n_held_out, len(candidates), "n_held_out",
-                           "combinations whose members are all seen as single perturbations")
+        k = _resolve_count(
+            n_held_out,
+            len(candidates),
+            "n_held_out",
+            "combinations whose members are all seen as single perturbations",
+        )
         held = _draw(candidates, k, rng)
     else:
         raise ValueError("Give held_out (combinations) or n_held_out (how many).")
@@ -257,13 +288,23 @@ def split_unseen_cell_types(
         Which perturbations to hold out in that cell type: names, a number or fraction drawn at
         random, or ``None`` for every perturbation measured there and in another cell type.
 
+    Notes
+    -----
     Other parameters and the return value are as in :func:`split_unseen_perturbations`;
     ``cell_type_key`` is always one of the covariate groups.
     """
     _check_unit(validation_unit, ("condition", "cell"))
     covariates = [cell_type_key, *[k for k in (covariate_keys or []) if k != cell_type_key]]
-    setup = _Setup(adata, perturbation_key, dose_key, control_value, control_fractions,
-                   covariates, validation_fraction, [])
+    setup = _Setup(
+        adata,
+        perturbation_key,
+        dose_key,
+        control_value,
+        control_fractions,
+        covariates,
+        validation_fraction,
+        [],
+    )
     rng = np.random.default_rng(seed)
     cell_types = adata.obs[cell_type_key].astype(str).to_numpy()
     known_types = sorted(set(cell_types))
@@ -275,21 +316,29 @@ def split_unseen_cell_types(
     names_elsewhere = setup.perturbation_names(~in_held_type)
     candidates = sorted(set(names_there) & set(names_elsewhere))
     if not candidates:
-        raise ValueError(f"No perturbation is measured both in {held_out_cell_type!r} and in "
-                         "another cell type.")
+        raise ValueError(
+            f"No perturbation is measured both in {held_out_cell_type!r} and in another cell type."
+        )
     if perturbations is None:
         selected = set(candidates)
     elif isinstance(perturbations, (int, float, np.integer, np.floating)):
-        k = _resolve_count(perturbations, len(candidates), "perturbations",
-                           f"perturbations measured in {held_out_cell_type!r} and elsewhere")
+        k = _resolve_count(
+            perturbations,
+            len(candidates),
+            "perturbations",
+            f"perturbations measured in {held_out_cell_type!r} and elsewhere",
+        )
         selected = _draw(candidates, k, rng)
     else:
-        selected = _check_requested(perturbations, setup.perturbation_names(), "perturbations",
-                                    "perturbation")
+        selected = _check_requested(
+            perturbations, setup.perturbation_names(), "perturbations", "perturbation"
+        )
         rejected = sorted(selected - set(candidates))
         if rejected:
-            raise ValueError(f"perturbations: {rejected} are not measured both in "
-                             f"{held_out_cell_type!r} and in another cell type.")
+            raise ValueError(
+                f"perturbations: {rejected} are not measured both in "
+                f"{held_out_cell_type!r} and in another cell type."
+            )
 
     contains = np.array([bool(set(n) & selected) for n, _ in setup.conditions])
     is_test_cell = in_held_type & contains[setup.codes]
@@ -297,8 +346,11 @@ def split_unseen_cell_types(
     labels[is_test_cell] = _TEST
     eligible = ~contains & ~setup.is_control_condition
     setup.assign_validation(labels, validation_unit, eligible, rng)
-    info = {"strategy": "unseen_cell_types", "held_out_cell_type": str(held_out_cell_type),
-            "held_out": sorted(selected)}
+    info = {
+        "strategy": "unseen_cell_types",
+        "held_out_cell_type": str(held_out_cell_type),
+        "held_out": sorted(selected),
+    }
     return setup.finish(labels, split_key, seed, info, rng)
 
 
@@ -332,11 +384,21 @@ def split_unseen_doses(
         has them (compared with :func:`numpy.isclose`; a value no perturbation has is an error,
         as is holding out every dose of a perturbation).
 
+    Notes
+    -----
     Other parameters and the return value are as in :func:`split_unseen_perturbations`.
     """
     _check_unit(validation_unit, ("condition", "cell"))
-    setup = _Setup(adata, perturbation_key, dose_key, control_value, control_fractions,
-                   covariate_keys, validation_fraction, [])
+    setup = _Setup(
+        adata,
+        perturbation_key,
+        dose_key,
+        control_value,
+        control_fractions,
+        covariate_keys,
+        validation_fraction,
+        [],
+    )
     rng = np.random.default_rng(seed)
     doses_of: dict[str, set[float]] = {}
     for names, doses in setup.conditions:
@@ -349,8 +411,11 @@ def split_unseen_doses(
     eligible = ~is_test & ~setup.is_control_condition
     protected = {name for name, _ in held_pairs}
     setup.assign_validation(labels, validation_unit, eligible, rng, protected=protected)
-    info = {"strategy": "unseen_doses", "which": str(which),
-            "held_out": sorted(f"{name} @ {dose:g}" for name, dose in held_pairs)}
+    info = {
+        "strategy": "unseen_doses",
+        "which": str(which),
+        "held_out": sorted(f"{name} @ {dose:g}" for name, dose in held_pairs),
+    }
     return setup.finish(labels, split_key, seed, info, rng)
 
 
@@ -369,18 +434,24 @@ def _held_dose_pairs(doses_of: dict[str, set[float]], which) -> set[tuple[str, f
             raise ValueError("No perturbation is measured at more than one dose.")
         return held
     requested = np.atleast_1d(np.asarray(which, dtype=float))
-    held = {(name, d) for name, doses in doses_of.items() for d in doses
-            if np.isclose(d, requested).any()}
+    held = {
+        (name, d)
+        for name, doses in doses_of.items()
+        for d in doses
+        if np.isclose(d, requested).any()
+    }
     all_doses = sorted({d for doses in doses_of.values() for d in doses})
     unmatched = [float(r) for r in requested if not np.isclose(r, all_doses).any()]
     if unmatched:
-        raise ValueError(f"which: dose(s) {unmatched} match no condition; doses present: "
-                         f"{all_doses}.")
-    emptied = sorted(n for n, doses in doses_of.items()
-                     if all((n, d) in held for d in doses))
+        raise ValueError(
+            f"which: dose(s) {unmatched} match no condition; doses present: {all_doses}."
+        )
+    emptied = sorted(n for n, doses in doses_of.items() if all((n, d) in held for d in doses))
     if emptied:
-        raise ValueError(f"which={which!r} would hold out every dose of {emptied}; they would "
-                         "be unseen perturbations, not unseen doses.")
+        raise ValueError(
+            f"which={which!r} would hold out every dose of {emptied}; they would "
+            "be unseen perturbations, not unseen doses."
+        )
     return held
 
 

@@ -1,5 +1,6 @@
 """The PerturBench development subset (Norman / McFaline-Figueroa) and the sci-Plex 3 drug
-table."""
+table.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from perturbx.data._parsing import parse_condition_columns
+from perturbx.conditions import parse_condition_columns
 from perturbx.datasets._common import CONTROL_VALUE, _dataset_info, _require_columns
 from perturbx.datasets._fetch import _FILES, fetch_file
 

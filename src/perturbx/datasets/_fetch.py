@@ -47,7 +47,8 @@ class DataChecksumError(ValueError):
 
 def data_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder where data files are cached: ``cache_dir``, ``$PERTURBX_DATA_DIR`` or
-    ``pooch.os_cache("perturbx")``, in that order."""
+    ``pooch.os_cache("perturbx")``, in that order.
+    """
     if cache_dir is not None:
         return Path(cache_dir)
     from_env = os.environ.get(CACHE_ENV_VAR)

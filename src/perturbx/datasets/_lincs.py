@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from anndata.utils import make_index_unique
 
-from perturbx.data._parsing import COMBINATION_SEPARATOR
+from perturbx.conditions import COMBINATION_SEPARATOR
 from perturbx.datasets._common import CONTROL_VALUE, _dataset_info, _require_columns
 from perturbx.datasets._fetch import _FILES, fetch_file
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pooch
 from scipy import sparse
 
-from perturbx.data._parsing import COMBINATION_SEPARATOR, format_condition, parse_condition_columns
+from perturbx.conditions import COMBINATION_SEPARATOR, format_condition, parse_condition_columns
 from perturbx.datasets._common import CONTROL_VALUE, _dataset_info, _require_columns
 from perturbx.datasets._devel import sciplex3_smiles
 from perturbx.datasets._fetch import data_cache_dir

@@ -98,29 +98,36 @@ def calibrate(
     pos_rows = pos.reindex(conditions.to_numpy()).to_numpy()
     normalised = pd.DataFrame(
         normalised_score(values.to_numpy(), neg_rows, pos_rows),
-        index=values.index, columns=metrics,
+        index=values.index,
+        columns=metrics,
     )
     rows = []
     common = neg.index.intersection(pos.index)
     for metric in metrics:
-        higher, perfect = bool(info.loc[metric, "higher_is_better"]), info.loc[
-            metric, "perfect_value"]
+        higher, perfect = (
+            bool(info.loc[metric, "higher_is_better"]),
+            info.loc[metric, "perfect_value"],
+        )
         drf = dynamic_range_fraction(
-            pos.loc[common, metric].to_numpy(), neg.loc[common, metric].to_numpy(),
-            higher_is_better=higher, perfect=float(perfect),
+            pos.loc[common, metric].to_numpy(),
+            neg.loc[common, metric].to_numpy(),
+            higher_is_better=higher,
+            perfect=float(perfect),
         )
         drf = np.atleast_1d(drf)
         finite = drf[np.isfinite(drf)]
         median = float(np.median(finite)) if finite.size else np.nan
-        rows.append({
-            "metric": metric,
-            "higher_is_better": higher,
-            "perfect_value": float(perfect),
-            "median_drf": median,
-            "mean_drf": float(finite.mean()) if finite.size else np.nan,
-            "n_conditions": int(finite.size),
-            "well_calibrated": bool(finite.size and median >= threshold),
-        })
+        rows.append(
+            {
+                "metric": metric,
+                "higher_is_better": higher,
+                "perfect_value": float(perfect),
+                "median_drf": median,
+                "mean_drf": float(finite.mean()) if finite.size else np.nan,
+                "n_conditions": int(finite.size),
+                "well_calibrated": bool(finite.size and median >= threshold),
+            }
+        )
     return pd.DataFrame(rows).set_index("metric"), normalised
 
 

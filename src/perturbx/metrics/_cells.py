@@ -31,7 +31,8 @@ _REFERENCE_PREFIX = "reference::"
 class CellSubset:
     """The cells ``rows`` of ``adata``, given to :func:`~perturbx.metrics.score` as
     ``centroid_reference`` without making a view (anndata copies a view's expression when it
-    is read, and would read a view of a backed AnnData whole)."""
+    is read, and would read a view of a backed AnnData whole).
+    """
 
     adata: AnnData
     rows: np.ndarray
@@ -58,8 +59,12 @@ class RealCells:
         Names of the genes every part has, in the first part's order.
     """
 
-    def __init__(self, parts: Sequence[tuple[AnnData, np.ndarray | None]], obs: pd.DataFrame,
-                 layer: str | None):
+    def __init__(
+        self,
+        parts: Sequence[tuple[AnnData, np.ndarray | None]],
+        obs: pd.DataFrame,
+        layer: str | None,
+    ):
         self.obs = obs
         var_names = [adata.var_names for adata, _ in parts]
         common = var_names[0]
@@ -76,7 +81,8 @@ class RealCells:
 
     def as_anndata(self) -> AnnData:
         """An AnnData with the cells' ``.obs`` and the genes, without expression (for the
-        argument checks and gene matching)."""
+        argument checks and gene matching).
+        """
         return AnnData(obs=self.obs, var=pd.DataFrame(index=self.genes))
 
     def take(self, cells: np.ndarray, genes: pd.Index):
@@ -98,18 +104,26 @@ class RealCells:
         return np.vstack([np.asarray(b) for b in blocks])
 
     def log_normalised_means(
-        self, cells: np.ndarray, codes: np.ndarray, n_groups: int, genes: pd.Index, *,
-        counts: bool, target_sum: float,
+        self,
+        cells: np.ndarray,
+        codes: np.ndarray,
+        n_groups: int,
+        genes: pd.Index,
+        *,
+        counts: bool,
+        target_sum: float,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per-group means ``(n_groups, n_genes)`` of the log-normalised expression of
         sorted ``cells`` (group ``codes``), read a block of cells at a time; and the number
-        of cells per group."""
+        of cells per group.
+        """
         sums = np.zeros((n_groups, len(genes)))
         n_cells = np.zeros(n_groups, dtype=np.int64)
         for start in range(0, len(cells), CELLS_PER_BLOCK):
             block = slice(start, start + CELLS_PER_BLOCK)
-            values, _ = log_normalise(self.take(cells[block], genes), counts=counts,
-                                      target_sum=target_sum)
+            values, _ = log_normalise(
+                self.take(cells[block], genes), counts=counts, target_sum=target_sum
+            )
             block_sums, block_cells = group_sums(values, codes[block], n_groups)
             sums += block_sums
             n_cells += block_cells
@@ -121,8 +135,17 @@ def real_cells(real: AnnData, layer: str | None) -> RealCells:
     return RealCells([(real, None)], real.obs, layer)
 
 
-def with_centroid_reference(real, reference, train_perturbations, *, perturbation_key,
-                            dose_key, covariate_keys, control_value, layer):
+def with_centroid_reference(
+    real,
+    reference,
+    train_perturbations,
+    *,
+    perturbation_key,
+    dose_key,
+    covariate_keys,
+    control_value,
+    layer,
+):
     """``real``'s cells followed by the reference's perturbed cells, relabelled.
 
     ``reference`` is an AnnData or a :class:`CellSubset`. Every member of a reference

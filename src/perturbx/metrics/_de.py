@@ -200,8 +200,15 @@ def _run_rank_genes_groups(
         # scanpy builds its result table column by column (pandas PerformanceWarning).
         warnings.simplefilter("ignore")
         sc.tl.rank_genes_groups(
-            work, "group", groups=groups, reference=reference, method=method,
-            use_raw=False, n_genes=None, rankby_abs=True, pts=False,
+            work,
+            "group",
+            groups=groups,
+            reference=reference,
+            method=method,
+            use_raw=False,
+            n_genes=None,
+            rankby_abs=True,
+            pts=False,
         )
     result = work.uns["rank_genes_groups"]
     scores = np.zeros((len(groups), work.n_vars))

@@ -61,8 +61,9 @@ def metric_info(top_k: Sequence[int] = (20, 50)) -> pd.DataFrame:
         (f"direction_agreement_top{k}", True, 1.0, f"sign(pred-c)==sign(true-c), top-{k} DE")
         for k in top_k
     ]
-    frame = pd.DataFrame(rows, columns=["metric", "higher_is_better", "perfect_value",
-                                        "description"])
+    frame = pd.DataFrame(
+        rows, columns=["metric", "higher_is_better", "perfect_value", "description"]
+    )
     return frame.set_index("metric")
 
 
@@ -88,8 +89,9 @@ def _broadcast(*arrays_and_names) -> list[np.ndarray]:
     arrays = [_rows(a, n) for a, n in arrays_and_names]
     n_genes = {a.shape[1] for a in arrays}
     if len(n_genes) != 1:
-        shapes = ", ".join(f"{n}: {a.shape}" for a, (_, n) in zip(arrays, arrays_and_names,
-                                                                   strict=True))
+        shapes = ", ".join(
+            f"{n}: {a.shape}" for a, (_, n) in zip(arrays, arrays_and_names, strict=True)
+        )
         raise ValueError(f"arrays must have the same number of genes; got {shapes}.")
     n = max(a.shape[0] for a in arrays)
     out = []
@@ -244,8 +246,9 @@ def mse(pred, true, genes=None):
         idx = _select_genes(genes, p.shape[1])
         p, t = p[:, idx], t[:, idx]
     with np.errstate(invalid="ignore"):
-        return _single(pred, np.mean((p - t) ** 2, axis=1) if p.shape[1] else
-                       np.full(p.shape[0], np.nan))
+        return _single(
+            pred, np.mean((p - t) ** 2, axis=1) if p.shape[1] else np.full(p.shape[0], np.nan)
+        )
 
 
 def pearson_delta(pred, true, reference, genes=None):
@@ -296,8 +299,9 @@ def weighted_r2_delta(pred, true, reference, weights):
     Equals ``sklearn.metrics.r2_score(true - ref, pred - ref, sample_weight=weights)``
     (genes are the samples); NaN if the weighted variance of ``true - ref`` is zero.
     """
-    p, t, ref, w = _broadcast((pred, "pred"), (true, "true"), (reference, "reference"),
-                              (weights, "weights"))
+    p, t, ref, w = _broadcast(
+        (pred, "pred"), (true, "true"), (reference, "reference"), (weights, "weights")
+    )
     return _single(pred, _weighted_r2(p - ref, t - ref, w, _tolerance(p, t, ref)))
 
 
@@ -424,7 +428,10 @@ def metric_arrays(
     """
     top_k = _check_top_k(top_k)
     pred, true, control, centroid, de_scores = _broadcast(
-        (pred, "pred"), (true, "true"), (control, "control"), (centroid, "centroid"),
+        (pred, "pred"),
+        (true, "true"),
+        (control, "control"),
+        (centroid, "centroid"),
         (de_scores, "de_scores"),
     )
     n, n_genes = true.shape
@@ -446,8 +453,9 @@ def metric_arrays(
         for k in top_k:
             idx, valid = de_idx[:, :k], de_valid[:, :k]
             key = f"{name}_top{k}"
-            out[key], constant[key] = _masked_pearson(_gather(dp, idx), _gather(dt, idx), valid,
-                                                      tol)
+            out[key], constant[key] = _masked_pearson(
+                _gather(dp, idx), _gather(dt, idx), valid, tol
+            )
     out["r2"] = _masked_r2(pred, true, everywhere, tol)
     for k in top_k:
         idx, valid = de_idx[:, :k], de_valid[:, :k]

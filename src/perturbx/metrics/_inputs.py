@@ -9,14 +9,22 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from perturbx.data._parsing import parse_condition
+from perturbx.conditions import parse_condition
 from perturbx.metrics._baselines import BASELINES
 from perturbx.metrics._pseudobulk import get_expression
 
 #: Column names of the result tables that covariate keys may not reuse.
 RESERVED_COLUMNS = (
-    "method", "condition", "perturbation", "dose", "n_cells_true", "truth", "de_test",
-    "n_de_genes", "n_obs_pred", "note",
+    "method",
+    "condition",
+    "perturbation",
+    "dose",
+    "n_cells_true",
+    "truth",
+    "de_test",
+    "n_de_genes",
+    "n_obs_pred",
+    "note",
 )
 
 
@@ -35,8 +43,11 @@ def check_arguments(
     for name, adata in (("pred", pred), ("real", real)):
         if not isinstance(adata, AnnData):
             raise TypeError(f"{name} must be an AnnData, got {type(adata).__name__}.")
-        for argument, key in (("perturbation_key", perturbation_key), ("dose_key", dose_key),
-                              *(("covariate_keys", k) for k in covariate_keys)):
+        for argument, key in (
+            ("perturbation_key", perturbation_key),
+            ("dose_key", dose_key),
+            *(("covariate_keys", k) for k in covariate_keys),
+        ):
             if key is not None and key not in adata.obs.columns:
                 raise KeyError(
                     f"{argument}={key!r} is not a column of {name}.obs; available columns: "
@@ -119,8 +130,13 @@ def training_rows(
     return rows
 
 
-def check_finite(adata: AnnData, layer: str | None, name: str, condition_keys: Sequence[str],
-                 block_rows: int = 4096) -> None:
+def check_finite(
+    adata: AnnData,
+    layer: str | None,
+    name: str,
+    condition_keys: Sequence[str],
+    block_rows: int = 4096,
+) -> None:
     """Raise ``ValueError`` naming the first non-finite value of ``adata``'s expression.
 
     NaN or infinite values would otherwise change how the whole object is normalised (the
@@ -145,8 +161,11 @@ def check_finite(adata: AnnData, layer: str | None, name: str, condition_keys: S
             row, column = bad[0]
             value = block[row, column]
         cell = start + int(row)
-        condition = ", ".join(f"{k}={adata.obs[k].iat[cell]!r}" for k in condition_keys
-                              if k is not None and k in adata.obs.columns)
+        condition = ", ".join(
+            f"{k}={adata.obs[k].iat[cell]!r}"
+            for k in condition_keys
+            if k is not None and k in adata.obs.columns
+        )
         where = f"{name}.layers[{layer!r}]" if layer else f"{name}.X"
         raise ValueError(
             f"{where} has a non-finite value ({value}) at row {adata.obs_names[cell]!r} "

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from perturbx.data._parsing import format_condition, parse_condition_columns
+from perturbx.conditions import format_condition, parse_condition_columns
 
 DEFAULT_TARGET_SUM = 1e4
 #: Cells processed at a time where a whole matrix is not needed (log-normalisation,
@@ -89,8 +89,10 @@ def log_normalise(
         counts = is_count_matrix(matrix)
     dtype = np.float64 if matrix.dtype == np.float64 else np.float32
     if not counts:
-        out = sp.csr_matrix(matrix, dtype=dtype) if sp.issparse(matrix) else np.asarray(
-            matrix, dtype=dtype
+        out = (
+            sp.csr_matrix(matrix, dtype=dtype)
+            if sp.issparse(matrix)
+            else np.asarray(matrix, dtype=dtype)
         )
         return out, USED_AS_GIVEN
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
@@ -124,7 +126,8 @@ def group_sums(
     matrix: np.ndarray | sp.spmatrix | sp.sparray, codes: np.ndarray, n_groups: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sum of the rows of ``matrix`` per group: ``(n_groups, n_genes)`` float64 sums and
-    ``(n_groups,)`` row counts (arguments as in :func:`group_means`)."""
+    ``(n_groups,)`` row counts (arguments as in :func:`group_means`).
+    """
     codes = np.asarray(codes)
     keep = np.flatnonzero(codes >= 0)
     indicator = sp.csr_matrix(
@@ -202,9 +205,7 @@ def pseudobulk(
     for key in keys:
         if key not in adata.obs.columns:
             raise KeyError(f"keys: {key!r} is not a column of adata.obs.")
-    matrix, note = log_normalise(
-        get_expression(adata, layer), counts=counts, target_sum=target_sum
-    )
+    matrix, note = log_normalise(get_expression(adata, layer), counts=counts, target_sum=target_sum)
     index = pd.MultiIndex.from_frame(adata.obs[keys].astype(object))
     codes, uniques = pd.factorize(index, use_na_sentinel=False)
     means, n_cells = group_means(matrix, codes, len(uniques))
@@ -227,7 +228,7 @@ def condition_table(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Canonical conditions (perturbation × dose × covariates) of each cell.
 
-    Perturbations are parsed with :func:`perturbx.data._parsing.parse_condition`, members
+    Perturbations are parsed with :func:`perturbx.conditions.parse_condition`, members
     of a combination are sorted by name (``"B+A"`` with doses ``"3+1"`` is ``"A+B"`` at
     ``"1.0+3.0"``) and doses are written as floats, so ``"1"`` and ``"1.0"`` match.
     Covariate values are compared as strings.
@@ -249,9 +250,7 @@ def condition_table(
             )
         if obs[key].isna().any():
             raise ValueError(f"{dataset}.obs[{key!r}] has missing values.")
-    conditions, cond_codes = parse_condition_columns(
-        obs, perturbation_key, dose_key, control_value
-    )
+    conditions, cond_codes = parse_condition_columns(obs, perturbation_key, dose_key, control_value)
     canonical = []
     for names, doses in conditions:
         pairs = sorted(zip(names, doses, strict=True))
@@ -272,9 +271,7 @@ def condition_table(
         perturbation, dose = format_condition(names, doses, control_value=control_value)
         label = perturbation if dose_key is None or not names else f"{perturbation} @ {dose}"
         if covariate_keys:
-            label += " | " + ", ".join(
-                f"{k}={v}" for k, v in zip(covariate_keys, cov, strict=True)
-            )
+            label += " | " + ", ".join(f"{k}={v}" for k, v in zip(covariate_keys, cov, strict=True))
         rows.append(
             {
                 "condition": label,
@@ -287,6 +284,12 @@ def condition_table(
                 "members": names,
             }
         )
-    columns = [*CONDITION_COLUMNS[:3], *covariate_keys, "is_control", "key", "covariate_key",
-               "members"]
+    columns = [
+        *CONDITION_COLUMNS[:3],
+        *covariate_keys,
+        "is_control",
+        "key",
+        "covariate_key",
+        "members",
+    ]
     return pd.DataFrame(rows, columns=columns), np.asarray(codes)

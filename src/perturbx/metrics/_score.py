@@ -135,8 +135,7 @@ def score_means(
     DataFrame ``(n_conditions, n_metrics + 1)``: the metrics of :func:`metric_info` and
     ``n_de_genes``.
     """
-    values, _ = metric_arrays(pred, true, control, centroid, de_scores, groups=groups,
-                              top_k=top_k)
+    values, _ = metric_arrays(pred, true, control, centroid, de_scores, groups=groups, top_k=top_k)
     return pd.DataFrame(values, index=index)
 
 
@@ -228,28 +227,43 @@ def score(
     screen) have no positive control: its metrics are NaN, and ``note`` says why.
     """
     top_k = _check_top_k(top_k)
-    covariate_keys = [covariate_keys] if isinstance(covariate_keys, str) else list(
-        covariate_keys)
+    covariate_keys = [covariate_keys] if isinstance(covariate_keys, str) else list(covariate_keys)
     baselines = list(baselines)
     condition_keys = [perturbation_key, dose_key, *covariate_keys]
-    for name, adata in (("pred", pred), ("real", real), ("centroid_reference",
-                                                          centroid_reference)):
+    for name, adata in (("pred", pred), ("real", real), ("centroid_reference", centroid_reference)):
         if isinstance(adata, AnnData):
             check_finite(adata, layer, name, condition_keys)
     if centroid_reference is not None:
         cells, train_perturbations = with_centroid_reference(
-            real, centroid_reference, train_perturbations, perturbation_key=perturbation_key,
-            dose_key=dose_key, covariate_keys=covariate_keys, control_value=control_value,
-            layer=layer)
+            real,
+            centroid_reference,
+            train_perturbations,
+            perturbation_key=perturbation_key,
+            dose_key=dose_key,
+            covariate_keys=covariate_keys,
+            control_value=control_value,
+            layer=layer,
+        )
     else:
         cells = real_cells(real, layer)
     real = cells.as_anndata()
-    check_arguments(pred, real, perturbation_key=perturbation_key, dose_key=dose_key,
-                    covariate_keys=covariate_keys, method_key=method_key, baselines=baselines,
-                    seed=seed)
+    check_arguments(
+        pred,
+        real,
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        method_key=method_key,
+        baselines=baselines,
+        seed=seed,
+    )
     _, pred_columns, genes = match_genes(pred, real)
-    table_args = dict(perturbation_key=perturbation_key, dose_key=dose_key,
-                      covariate_keys=covariate_keys, control_value=control_value)
+    table_args = dict(
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        control_value=control_value,
+    )
     real_table, real_codes = condition_table(real.obs, dataset="real", **table_args)
     pred_table, pred_codes = condition_table(pred.obs, dataset="pred", **table_args)
 
@@ -260,14 +274,19 @@ def score(
         warnings.warn("pred contains control rows; they are not scored.", stacklevel=2)
     if not pred_perturbed.any():
         raise ValueError("pred has no perturbed conditions to score.")
-    absent = [lab for lab, key, pert in zip(pred_table["condition"], pred_table["key"],
-                                            pred_perturbed, strict=True)
-              if pert and key not in real_row_of]
+    absent = [
+        lab
+        for lab, key, pert in zip(
+            pred_table["condition"], pred_table["key"], pred_perturbed, strict=True
+        )
+        if pert and key not in real_row_of
+    ]
     if absent:
         raise ValueError(f"conditions of pred absent from real: {absent[:10]!r}.")
-    eval_rows = sorted({real_row_of[k] for k, p in zip(pred_table["key"], pred_perturbed,
-                                                       strict=True) if p},
-                       key=lambda i: real_table["key"].iat[i])
+    eval_rows = sorted(
+        {real_row_of[k] for k, p in zip(pred_table["key"], pred_perturbed, strict=True) if p},
+        key=lambda i: real_table["key"].iat[i],
+    )
     eval_table = real_table.iloc[eval_rows].reset_index(drop=True)
     n_eval = len(eval_rows)
     cov_of_eval = eval_table["covariate_key"].tolist()
@@ -278,18 +297,23 @@ def score(
     for cov in cov_groups:
         row = real_row_of.get((cov, (), ()))
         if row is None:
-            raise ValueError(f"real has no control cells ({control_value!r}) with covariates "
-                             f"{dict(zip(covariate_keys, cov, strict=True))}.")
+            raise ValueError(
+                f"real has no control cells ({control_value!r}) with covariates "
+                f"{dict(zip(covariate_keys, cov, strict=True))}."
+            )
         control_rows[cov] = row
     train_rows = training_rows(real_table, set(eval_rows), train_perturbations, control_value)
-    train_rows = np.asarray([r for r in train_rows
-                             if real_table["covariate_key"].iat[r] in control_rows], dtype=int)
+    train_rows = np.asarray(
+        [r for r in train_rows if real_table["covariate_key"].iat[r] in control_rows], dtype=int
+    )
 
     # --- real cells: log-normalise the used ones, split evaluated conditions in halves ---
     n_cells_real = np.bincount(real_codes, minlength=len(real_table))
     use_duplicate = POSITIVE_CONTROL in baselines
-    eligible = np.asarray([use_duplicate and n_cells_real[r] >= MIN_CELLS_FOR_DUPLICATE
-                           for r in eval_rows], dtype=bool)
+    eligible = np.asarray(
+        [use_duplicate and n_cells_real[r] >= MIN_CELLS_FOR_DUPLICATE for r in eval_rows],
+        dtype=bool,
+    )
     # Controls and evaluated conditions are held for the DE tests; the training conditions
     # only enter the centroid, whose means are computed a block of cells at a time below.
     used_rows = np.asarray([*control_rows.values(), *eval_rows])
@@ -300,8 +324,10 @@ def score(
     real_counts = is_count_matrix(matrix) if counts is None else counts
     matrix, real_note = log_normalise(matrix, counts=real_counts, target_sum=target_sum)
     half = split_halves(
-        cell_codes, real.obs_names.to_numpy()[used_cells],
-        {eval_rows[e]: eval_table["condition"].iat[e] for e in np.flatnonzero(eligible)}, seed,
+        cell_codes,
+        real.obs_names.to_numpy()[used_cells],
+        {eval_rows[e]: eval_table["condition"].iat[e] for e in np.flatnonzero(eligible)},
+        seed,
     )
     # One code space for every mean: controls | training conditions | truth | second halves.
     n_ctrl, n_train = len(control_rows), len(train_rows)
@@ -316,15 +342,21 @@ def score(
     train_cells = np.flatnonzero((all_codes >= n_ctrl) & (all_codes < n_ctrl + n_train))
     train_slice = slice(n_ctrl, n_ctrl + n_train)
     means[train_slice], n_in_group[train_slice] = cells.log_normalised_means(
-        train_cells, all_codes[train_cells] - n_ctrl, n_train, genes, counts=real_counts,
-        target_sum=target_sum)
+        train_cells,
+        all_codes[train_cells] - n_ctrl,
+        n_train,
+        genes,
+        counts=real_counts,
+        target_sum=target_sum,
+    )
     truth_slice = slice(n_ctrl + n_train, n_ctrl + n_train + n_eval)
     true_means, n_cells_true = means[truth_slice], n_in_group[truth_slice]
-    half2_means = means[n_ctrl + n_train + n_eval:]
+    half2_means = means[n_ctrl + n_train + n_eval :]
     control = means[:n_ctrl][eval_group]  # control_rows follows cov_groups order
     train_cov = real_table["covariate_key"].iloc[train_rows].tolist()
     centroid = perturbed_centroid(
-        means[n_ctrl:n_ctrl + n_train], np.asarray([cov_groups.index(c) for c in train_cov]),
+        means[n_ctrl : n_ctrl + n_train],
+        np.asarray([cov_groups.index(c) for c in train_cov]),
         eval_group,
     )
 
@@ -334,20 +366,25 @@ def score(
     de_test = np.empty(n_eval, dtype=object)
     for g in range(len(cov_groups)):
         members = np.flatnonzero(eval_group == g)
-        cells = np.flatnonzero((mean_codes == g) |
-                               np.isin(mean_codes, n_ctrl + n_train + members) |
-                               np.isin(mean_codes, n_ctrl + n_train + n_eval + members))
+        cells = np.flatnonzero(
+            (mean_codes == g)
+            | np.isin(mean_codes, n_ctrl + n_train + members)
+            | np.isin(mean_codes, n_ctrl + n_train + n_eval + members)
+        )
         labels = np.full(cells.size, _CONTROL_GROUP, dtype=object)
         local = mean_codes[cells] - n_ctrl - n_train
         is_truth = (local >= 0) & (local < n_eval)
         labels[is_truth] = [f"t{e}" for e in local[is_truth]]
         labels[local >= n_eval] = [f"h{e - n_eval}" for e in local[local >= n_eval]]
-        de_data = AnnData(X=matrix[cells], obs=pd.DataFrame({"group": labels},
-                                                            index=cells.astype(str)),
-                          var=pd.DataFrame(index=genes))
+        de_data = AnnData(
+            X=matrix[cells],
+            obs=pd.DataFrame({"group": labels}, index=cells.astype(str)),
+            var=pd.DataFrame(index=genes),
+        )
         tested = [f"t{e}" for e in members] + [f"h{e}" for e in members if eligible[e]]
-        result = differential_expression(de_data, "group", _CONTROL_GROUP, groups=tested,
-                                         method=de_method)
+        result = differential_expression(
+            de_data, "group", _CONTROL_GROUP, groups=tested, method=de_method
+        )
         de_scores[members] = result.scores.loc[[f"t{e}" for e in members]].to_numpy()
         de_test[members] = result.test.loc[[f"t{e}" for e in members]].to_numpy()
         dup = [e for e in members if eligible[e]]
@@ -358,17 +395,23 @@ def score(
     pred_keep = np.flatnonzero(pred_perturbed[pred_codes])
     pred_matrix, pred_note = log_normalise(
         pred_matrix[pred_keep][:, pred_columns],
-        counts=counts if pred_counts is None else pred_counts, target_sum=target_sum)
+        counts=counts if pred_counts is None else pred_counts,
+        target_sum=target_sum,
+    )
     eval_index = {real_table["key"].iat[r]: e for e, r in enumerate(eval_rows)}
     eval_of_pred_row = np.asarray([eval_index.get(k, -1) for k in pred_table["key"]])
     pred_eval = eval_of_pred_row[pred_codes[pred_keep]]
-    method_labels = (np.full(pred_keep.size, "model", dtype=object) if method_key is None
-                     else pred.obs[method_key].astype(str).to_numpy()[pred_keep])
+    method_labels = (
+        np.full(pred_keep.size, "model", dtype=object)
+        if method_key is None
+        else pred.obs[method_key].astype(str).to_numpy()[pred_keep]
+    )
     user_methods = list(pd.unique(method_labels))
     clash = set(user_methods) & set(BASELINES)
     if clash:
-        raise ValueError(f"method names {sorted(clash)} in pred.obs[{method_key!r}] are "
-                         "reserved for baselines.")
+        raise ValueError(
+            f"method names {sorted(clash)} in pred.obs[{method_key!r}] are reserved for baselines."
+        )
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for method in user_methods:
         rows = method_labels == method
@@ -381,8 +424,9 @@ def score(
         predictions[NEGATIVE_CONTROL] = centroid, all_rows
     if use_duplicate:
         dup_pred = np.full_like(true_means, np.nan)
-        dup_pred[eligible] = interpolated_duplicate(half2_means[eligible], half2_pvals[eligible],
-                                                    centroid[eligible])
+        dup_pred[eligible] = interpolated_duplicate(
+            half2_means[eligible], half2_pvals[eligible], centroid[eligible]
+        )
         predictions[POSITIVE_CONTROL] = dup_pred, all_rows
 
     # --- metrics per method ---
@@ -392,8 +436,9 @@ def score(
     ids = eval_table[["condition", "perturbation", "dose", *covariate_keys]]
     frames, filled_frames = [], []
     for method, (pm, n_obs) in predictions.items():
-        values, constant = metric_arrays(pm, true_means, control, centroid, de_scores,
-                                         groups=eval_group, top_k=top_k)
+        values, constant = metric_arrays(
+            pm, true_means, control, centroid, de_scores, groups=eval_group, top_k=top_k
+        )
         keep = n_obs > 0
         frame = ids.copy()
         frame.insert(0, "method", method)
@@ -414,23 +459,39 @@ def score(
     filled = pd.concat(filled_frames, ignore_index=True)
 
     calibration, normalised_values = calibrate(
-        filled, per_condition["method"], per_condition["condition"], info,
-        negative=NEGATIVE_CONTROL, positive=POSITIVE_CONTROL, threshold=drf_threshold,
+        filled,
+        per_condition["method"],
+        per_condition["condition"],
+        info,
+        negative=NEGATIVE_CONTROL,
+        positive=POSITIVE_CONTROL,
+        threshold=drf_threshold,
     )
     id_columns = ["method", "condition", "perturbation", "dose", *covariate_keys]
     normalised = pd.concat([per_condition[id_columns], normalised_values], axis=1)
-    note = (f"real: {real_note}; pred: {pred_note}; metrics on per-condition means of "
-            "log-normalised expression")
+    note = (
+        f"real: {real_note}; pred: {pred_note}; metrics on per-condition means of "
+        "log-normalised expression"
+    )
     per_condition.attrs["normalisation"] = note
     references = AnnData(
         X=true_means,
-        obs=eval_table[["condition", "perturbation", "dose", *covariate_keys]].assign(
-            n_cells_true=n_cells_true, de_test=de_test.astype(str),
+        obs=eval_table[["condition", "perturbation", "dose", *covariate_keys]]
+        .assign(
+            n_cells_true=n_cells_true,
+            de_test=de_test.astype(str),
             has_positive_control=eligible,
-        ).set_index("condition", drop=False).rename_axis(None),
+        )
+        .set_index("condition", drop=False)
+        .rename_axis(None),
         var=pd.DataFrame(index=genes),
-        layers={"control": control, "centroid": centroid, "de_scores": de_scores,
-                "second_half": half2_means, "second_half_pvals_adj": half2_pvals},
+        layers={
+            "control": control,
+            "centroid": centroid,
+            "de_scores": de_scores,
+            "second_half": half2_means,
+            "second_half_pvals_adj": half2_pvals,
+        },
     )
     return EvaluationResult(
         per_condition=per_condition,
@@ -440,11 +501,19 @@ def score(
         normalisation=note,
         metrics=metrics,
         references=references,
-        settings=dict(perturbation_key=perturbation_key, control_value=control_value,
-                      dose_key=dose_key, covariate_keys=tuple(covariate_keys),
-                      target_sum=target_sum, top_k=top_k, baselines=tuple(baselines),
-                      de_method=de_method, seed=seed, drf_threshold=drf_threshold,
-                      n_training_conditions=int(n_train)),
+        settings=dict(
+            perturbation_key=perturbation_key,
+            control_value=control_value,
+            dose_key=dose_key,
+            covariate_keys=tuple(covariate_keys),
+            target_sum=target_sum,
+            top_k=top_k,
+            baselines=tuple(baselines),
+            de_method=de_method,
+            seed=seed,
+            drf_threshold=drf_threshold,
+            n_training_conditions=int(n_train),
+        ),
     )
 
 
@@ -457,8 +526,11 @@ def _notes(method, eligible, n_cells, de_test, has_centroid) -> list[str]:
         if method == POSITIVE_CONTROL and not eligible[e]:
             parts.append(
                 "positive control unavailable: "
-                + ("single sample" if n_cells[e] == 1 else
-                   f"{n_cells[e]} cells (needs >= {MIN_CELLS_FOR_DUPLICATE})")
+                + (
+                    "single sample"
+                    if n_cells[e] == 1
+                    else f"{n_cells[e]} cells (needs >= {MIN_CELLS_FOR_DUPLICATE})"
+                )
             )
         if not has_centroid[e]:
             parts.append("no training conditions with these covariates: centroid undefined")
@@ -470,10 +542,17 @@ def _summary(per_condition: pd.DataFrame, normalised: pd.DataFrame, metrics) -> 
     long = per_condition.melt(id_vars="method", value_vars=metrics, var_name="metric")
     # both tables have the same rows in the same order, so the melted rows align
     long["normalised"] = normalised.melt(id_vars="method", value_vars=metrics)["value"].to_numpy()
-    out = long.groupby(["method", "metric"], sort=False).agg(
-        median=("value", "median"), mean=("value", "mean"), n=("value", "count"),
-        normalised_median=("normalised", "median"), normalised_mean=("normalised", "mean"),
-    ).reset_index()
+    out = (
+        long.groupby(["method", "metric"], sort=False)
+        .agg(
+            median=("value", "median"),
+            mean=("value", "mean"),
+            n=("value", "count"),
+            normalised_median=("normalised", "median"),
+            normalised_mean=("normalised", "mean"),
+        )
+        .reset_index()
+    )
     method_order = list(pd.unique(per_condition["method"]))
     out["method"] = pd.Categorical(out["method"], categories=method_order, ordered=True)
     out["metric"] = pd.Categorical(out["metric"], categories=list(metrics), ordered=True)

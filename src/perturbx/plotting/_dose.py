@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from perturbx.data._parsing import parse_condition_columns
+from perturbx.conditions import parse_condition_columns
 from perturbx.metrics import DEFAULT_TARGET_SUM, log_normalise
 from perturbx.metrics._pseudobulk import get_expression, group_means
 from perturbx.plotting._utils import _finish, model_keys, panel_axes
@@ -108,7 +108,8 @@ def dose_response(
         Drug name(s) (default: every single drug with cells in ``adata``).
     genes
         Genes whose score is plotted, the same for every drug. Default: per drug the
-        ``n_top_genes`` genes with the largest |measured log-fold change| at its highest dose.
+        ``n_top_genes`` genes with the largest absolute measured log-fold change at its highest
+        dose.
     covariates
         Restrict measured and source cells to these covariate values, e.g.
         ``{"cell_type": "T"}`` (default: all cells pooled).
@@ -121,7 +122,7 @@ def dose_response(
         ``"signed_lfc"``: mean of ``sign_g · lfc_g`` with ``sign_g`` the sign of the measured
         lfc at the drug's highest dose (up- and down-regulated genes both count as response;
         the measurement at the highest dose chose the signs, so it is biased upwards by noise);
-        ``"mean_lfc"``: mean lfc; ``"mean_abs_lfc"``: mean |lfc|; ``"mean_expression"``: mean
+        ``"mean_lfc"``: mean lfc; ``"mean_abs_lfc"``: mean absolute lfc; ``"mean_expression"``: mean
         log-normalised expression (predictions are expected values, so for counts models they
         sit above noisy measurements at low expression).
     n_top_genes
@@ -175,10 +176,13 @@ def dose_response(
     # One condition per cell: drug alone at one dose, control, or something else (skipped).
     conditions, codes = parse_condition_columns(data.obs, pkey, dkey, control)
     single = [len(names) == 1 for names, _ in conditions]
-    cell_drug = np.array([names[0] if s else None for (names, _), s in
-                          zip(conditions, single, strict=True)], dtype=object)[codes]
-    cell_dose = np.array([doses[0] if s else np.nan for (_, doses), s in
-                          zip(conditions, single, strict=True)])[codes]
+    cell_drug = np.array(
+        [names[0] if s else None for (names, _), s in zip(conditions, single, strict=True)],
+        dtype=object,
+    )[codes]
+    cell_dose = np.array(
+        [doses[0] if s else np.nan for (_, doses), s in zip(conditions, single, strict=True)]
+    )[codes]
     is_control = np.array([len(names) == 0 for names, _ in conditions])[codes] & in_covariates
     measured = in_covariates & pd.notna(cell_drug) & (cell_dose > 0)
     available = sorted(set(cell_drug[measured]))
@@ -212,34 +216,53 @@ def dose_response(
         group[cells] = dose_codes
         means, _ = group_means(expression, group, len(drug_doses))
         top_lfc = means[-1] - control_mean
-        positions = (np.argsort(-np.abs(top_lfc), kind="stable")[:n_top_genes]
-                     if genes is None else _gene_positions(data, genes))
+        positions = (
+            np.argsort(-np.abs(top_lfc), kind="stable")[:n_top_genes]
+            if genes is None
+            else _gene_positions(data, genes)
+        )
         sign = np.sign(top_lfc[positions])
         gene_sets[drug] = (positions, sign)
         values = _scores(means, control_mean, positions, sign, score)
         errors = None
         if score != "mean_abs_lfc":  # linear in the cells: a standard error is meaningful
-            per_cell = _scores(_dense(expression[np.flatnonzero(cells)]), control_mean,
-                               positions, sign, score)
-            errors = [per_cell[dose_codes == k].std(ddof=1) / np.sqrt((dose_codes == k).sum())
-                      if (dose_codes == k).sum() > 1 else 0.0 for k in range(len(drug_doses))]
+            per_cell = _scores(
+                _dense(expression[np.flatnonzero(cells)]), control_mean, positions, sign, score
+            )
+            errors = [
+                per_cell[dose_codes == k].std(ddof=1) / np.sqrt((dose_codes == k).sum())
+                if (dose_codes == k).sum() > 1
+                else 0.0
+                for k in range(len(drug_doses))
+            ]
         curves[drug] = {"doses": drug_doses, "values": values, "errors": errors}
 
     # Predicted: every drug at every grid dose (and the control) from the same source cells.
     sources = np.flatnonzero(is_control)
     if n_source_cells is not None and len(sources) > n_source_cells:
-        sources = np.sort(np.random.default_rng(seed).choice(sources, n_source_cells,
-                                                            replace=False))
-    predict = {"model": model, "adata": adata, "sources": sources, "counts": counts,
-               "target_sum": target_sum}
-    predicted_control = _predicted_means(targets=[{pkey: control, dkey: 0.0, **covariates}],
-                                         **predict)[0]
+        sources = np.sort(
+            np.random.default_rng(seed).choice(sources, n_source_cells, replace=False)
+        )
+    predict = {
+        "model": model,
+        "adata": adata,
+        "sources": sources,
+        "counts": counts,
+        "target_sum": target_sum,
+    }
+    predicted_control = _predicted_means(
+        targets=[{pkey: control, dkey: 0.0, **covariates}], **predict
+    )[0]
     lines = {}
     for drug in perturbations:
         measured_doses = curves[drug]["doses"]
-        grid = (np.geomspace(measured_doses.min() / _GRID_MARGIN,
-                             measured_doses.max() * _GRID_MARGIN, n_doses)
-                if doses is None else np.asarray(doses, dtype=float))
+        grid = (
+            np.geomspace(
+                measured_doses.min() / _GRID_MARGIN, measured_doses.max() * _GRID_MARGIN, n_doses
+            )
+            if doses is None
+            else np.asarray(doses, dtype=float)
+        )
         if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid) & (grid > 0)):
             raise ValueError(f"doses must be positive finite numbers, got {doses!r}.")
         # One drug per call bounds memory to len(grid) x n_source_cells x n_genes values.
@@ -256,16 +279,27 @@ def dose_response(
         curve = curves[drug]
         panel_ax.plot(grid, line, color="C0", label="predicted")
         if curve["errors"] is not None:
-            panel_ax.errorbar(curve["doses"], curve["values"], yerr=curve["errors"], fmt="none",
-                              ecolor="C1", elinewidth=1, capsize=2)
-        panel_ax.scatter(curve["doses"], curve["values"], color="C1", zorder=3, s=25,
-                         label="measured")
+            panel_ax.errorbar(
+                curve["doses"],
+                curve["values"],
+                yerr=curve["errors"],
+                fmt="none",
+                ecolor="C1",
+                elinewidth=1,
+                capsize=2,
+            )
+        panel_ax.scatter(
+            curve["doses"], curve["values"], color="C1", zorder=3, s=25, label="measured"
+        )
         if score != "mean_expression":
             panel_ax.axhline(0.0, color="0.6", linestyle=":", linewidth=1, label="control")
         panel_ax.set_xscale("log")
         panel_ax.set_xlabel(f"{dkey} (log scale)")
-        genes_text = (f"top {len(positions)} genes" if genes is None
-                      else f"{len(positions)} gene{'s' if len(positions) > 1 else ''}")
+        genes_text = (
+            f"top {len(positions)} genes"
+            if genes is None
+            else f"{len(positions)} gene{'s' if len(positions) > 1 else ''}"
+        )
         panel_ax.set_ylabel(f"{_YLABELS[score]} ({genes_text})")
         suffix = ", ".join(f"{k}={v}" for k, v in covariates.items())
         panel_ax.set_title(drug + (f" | {suffix}" if suffix else ""))
@@ -277,14 +311,16 @@ def _dense(matrix) -> np.ndarray:
     return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
 
 
-def _predicted_means(model, adata, targets: list[dict], sources: np.ndarray, counts: bool,
-                     target_sum: float) -> np.ndarray:
+def _predicted_means(
+    model, adata, targets: list[dict], sources: np.ndarray, counts: bool, target_sum: float
+) -> np.ndarray:
     """``(len(targets), n_genes)`` mean log-normalised prediction of each target."""
     prediction = model.predict(adata, target=pd.DataFrame(targets), source=sources)
     # predict returns the source cells in blocks, one block per target, in target order.
     target_of_row = np.repeat(np.arange(len(targets)), len(sources))
     if prediction.n_obs != len(target_of_row):
-        raise RuntimeError("unexpected prediction layout: expected one block of source cells "
-                           "per target.")
+        raise RuntimeError(
+            "unexpected prediction layout: expected one block of source cells per target."
+        )
     values, _ = log_normalise(_dense(prediction.X), counts=counts, target_sum=target_sum)
     return group_means(values, target_of_row, len(targets))[0]

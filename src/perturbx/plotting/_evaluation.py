@@ -22,9 +22,16 @@ _POSITIVE = "interpolated_duplicate"
 def _default_metrics(result: EvaluationResult) -> list[str]:
     k = min(result.settings.get("top_k", (20,)) or (20,))
     wanted = [
-        "mse", "pearson_delta_control", "pearson_delta_centroid",
-        f"pearson_delta_centroid_top{k}", "r2", "weighted_mse", "weighted_r2_delta_centroid",
-        "centroid_accuracy", f"overlap_at_{k}", f"direction_agreement_top{k}",
+        "mse",
+        "pearson_delta_control",
+        "pearson_delta_centroid",
+        f"pearson_delta_centroid_top{k}",
+        "r2",
+        "weighted_mse",
+        "weighted_r2_delta_centroid",
+        "centroid_accuracy",
+        f"overlap_at_{k}",
+        f"direction_agreement_top{k}",
     ]
     return [m for m in wanted if m in result.metrics]
 
@@ -101,31 +108,56 @@ def evaluation_summary(
         positions = x - 0.4 + width * (i + 0.5)
         for position in positions[np.isnan(median)]:
             # an undefined median (e.g. correlation of a constant prediction) is not a 0
-            ax.text(position, 0.0, "n/a", rotation=90, ha="center", va="bottom",
-                    fontsize="x-small", color="0.4")
+            ax.text(
+                position,
+                0.0,
+                "n/a",
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize="x-small",
+                color="0.4",
+            )
         ax.bar(
-            positions, np.nan_to_num(median), width,
+            positions,
+            np.nan_to_num(median),
+            width,
             yerr=np.vstack([np.nan_to_num(median - low), np.nan_to_num(high - median)]),
-            label=method, color=colours[i % len(colours)], capsize=2,
+            label=method,
+            color=colours[i % len(colours)],
+            capsize=2,
             hatch="//" if baseline and not normalised else None,
             error_kw={"elinewidth": 0.8},
         )
     if normalised:
         ax.axhspan(0.0, 1.0, color="0.92", zorder=0)
-        ax.axhline(0.0, color="0.3", linestyle="--", linewidth=1,
-                   label="mean baseline (perturbed centroid) = 0")
-        ax.axhline(1.0, color="0.1", linestyle="-", linewidth=1,
-                   label="positive control (interpolated duplicate) = 1")
+        ax.axhline(
+            0.0,
+            color="0.3",
+            linestyle="--",
+            linewidth=1,
+            label="mean baseline (perturbed centroid) = 0",
+        )
+        ax.axhline(
+            1.0,
+            color="0.1",
+            linestyle="-",
+            linewidth=1,
+            label="positive control (interpolated duplicate) = 1",
+        )
         ax.set_ylabel("normalised score (median over conditions)")
     else:
         ax.axhline(0.0, color="0.5", linewidth=0.8)
         ax.set_ylabel("metric value (median over conditions)")
     calibration = result.calibration
-    poor = [normalised and m in calibration.index
-            and not bool(calibration.loc[m, "well_calibrated"]) for m in metrics]
+    poor = [
+        normalised and m in calibration.index and not bool(calibration.loc[m, "well_calibrated"])
+        for m in metrics
+    ]
     labels = [f"{m}*" if flag else m for m, flag in zip(metrics, poor, strict=True)]
     ax.set_xticks(x, labels, rotation=45, ha="right")
-    ax.set_title("Evaluation summary" + ("  (* = poorly calibrated on this dataset)"
-                                         if any(poor) else ""))
+    ax.set_title(
+        "Evaluation summary" + ("  (* = poorly calibrated on this dataset)" if any(poor) else "")
+    )
     ax.legend(fontsize="small", frameon=False, loc="best")
     return _finish(ax, show, save)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
-from perturbx.data._parsing import COMBINATION_SEPARATOR, parse_condition_columns
+from perturbx.conditions import COMBINATION_SEPARATOR, parse_condition_columns
 from perturbx.plotting._utils import _finish, model_keys, panel_axes
 
 if TYPE_CHECKING:
@@ -173,17 +173,25 @@ def training_history(
             name = base[len(_ACCURACY) + 1 :] if accuracy_panel else None
             label = split or key if name is None else f"{name} ({split or 'all'})"
             panel_ax.plot(
-                series.index.to_numpy(), series.to_numpy(float), color=colour,
+                series.index.to_numpy(),
+                series.to_numpy(float),
+                color=colour,
                 linestyle=":" if split == "validation" else "-",
-                marker="o" if len(series) <= 30 else None, markersize=3, label=label,
+                marker="o" if len(series) <= 30 else None,
+                markersize=3,
+                label=label,
             )
         if accuracy_panel:
             for base in bases:
                 name = base[len(_ACCURACY) + 1 :]
                 if name in chance_levels:
                     panel_ax.axhline(
-                        float(chance_levels[name]), color=colours[bases.index(base) % len(colours)],
-                        linestyle="--", linewidth=1, alpha=0.8, label=f"{name} (chance)",
+                        float(chance_levels[name]),
+                        color=colours[bases.index(base) % len(colours)],
+                        linestyle="--",
+                        linewidth=1,
+                        alpha=0.8,
+                        label=f"{name} (chance)",
                     )
             panel_ax.set_ylim(0.0, 1.02)
             panel_ax.set_ylabel("accuracy")

@@ -42,9 +42,11 @@ def _silhouette(latent: np.ndarray, labels: pd.Series, seed: int) -> float:
     if not 2 <= n_labels < len(codes):
         return np.nan
     sample = min(len(codes), _SILHOUETTE_MAX_CELLS)
-    return float(silhouette_score(
-        latent, codes, sample_size=sample if sample < len(codes) else None, random_state=seed
-    ))
+    return float(
+        silhouette_score(
+            latent, codes, sample_size=sample if sample < len(codes) else None, random_state=seed
+        )
+    )
 
 
 def latent_embedding(
@@ -136,7 +138,12 @@ def latent_embedding(
                 title += f"\nsilhouette by {color}: {score:.2f}"
         embedded = _embed(latent, obs, basis, n_neighbors, random_state)
         sc.pl.embedding(
-            embedded, basis=basis, color=color, ax=panel_ax, show=False, title=title,
+            embedded,
+            basis=basis,
+            color=color,
+            ax=panel_ax,
+            show=False,
+            title=title,
             **embedding_kwargs,
         )
     return _finish(axes, show, save)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from perturbx.data._parsing import parse_condition, parse_condition_columns
+from perturbx.conditions import parse_condition, parse_condition_columns
 from perturbx.metrics import DEFAULT_TARGET_SUM, log_normalise
 from perturbx.metrics._pseudobulk import get_expression
 from perturbx.plotting._utils import _finish
@@ -48,8 +48,10 @@ def condition_mask(
         )
     use_dose = dose_key is not None and dose_key in spec
     wanted = parse_condition(
-        str(spec[perturbation_key]), spec[dose_key] if use_dose else None,
-        control_value=control_value, where="condition",
+        str(spec[perturbation_key]),
+        spec[dose_key] if use_dose else None,
+        control_value=control_value,
+        where="condition",
     )
     conditions, codes = parse_condition_columns(
         obs, perturbation_key, dose_key if use_dose else None, control_value
@@ -79,21 +81,33 @@ def _mean_log_normalised(adata: AnnData, mask: np.ndarray, layer, counts, target
     return np.asarray(values.mean(axis=0), dtype=np.float64).ravel()
 
 
-def _top_genes_wilcoxon(real: AnnData, cells: np.ndarray, controls: np.ndarray, layer, counts,
-                        target_sum: float) -> np.ndarray:
+def _top_genes_wilcoxon(
+    real: AnnData, cells: np.ndarray, controls: np.ndarray, layer, counts, target_sum: float
+) -> np.ndarray:
     """Genes of ``real`` ordered by |Wilcoxon score| of the condition vs controls (scanpy)."""
     import scanpy as sc
 
     rows = np.concatenate([np.flatnonzero(cells), np.flatnonzero(controls)])
-    matrix, _ = log_normalise(get_expression(real, layer)[rows], counts=counts,
-                              target_sum=target_sum)
+    matrix, _ = log_normalise(
+        get_expression(real, layer)[rows], counts=counts, target_sum=target_sum
+    )
     group = np.repeat(["condition", "control"], [cells.sum(), controls.sum()])
-    work = AnnData(matrix, obs=pd.DataFrame({"group": pd.Categorical(group)},
-                                            index=[str(i) for i in range(len(rows))]))
+    work = AnnData(
+        matrix,
+        obs=pd.DataFrame(
+            {"group": pd.Categorical(group)}, index=[str(i) for i in range(len(rows))]
+        ),
+    )
     work.var_names = real.var_names.astype(str)
     work.uns["log1p"] = {"base": None}  # natural-log normalised, as scanpy expects
-    sc.tl.rank_genes_groups(work, "group", groups=["condition"], reference="control",
-                            method="wilcoxon", n_genes=work.n_vars)
+    sc.tl.rank_genes_groups(
+        work,
+        "group",
+        groups=["condition"],
+        reference="control",
+        method="wilcoxon",
+        n_genes=work.n_vars,
+    )
     ranked = sc.get.rank_genes_groups_df(work, group="condition")
     order = np.argsort(-np.abs(ranked["scores"].to_numpy()), kind="stable")
     return real.var_names.get_indexer(ranked["names"].to_numpy()[order])
@@ -152,8 +166,8 @@ def lfc_scatter(
         log-normalised predictions sit above noisy measurements at low expression;
         ``"pred_control"`` cancels that offset and shows the predicted *change* alone.
     rank_by
-        ``"lfc"``: genes with the largest |true log-fold change|; ``"wilcoxon"``: the
-        largest |score| of scanpy's Wilcoxon test (``sc.tl.rank_genes_groups``) of the real
+        ``"lfc"``: genes with the largest absolute true log-fold change; ``"wilcoxon"``: the
+        largest absolute score of scanpy's Wilcoxon test (``sc.tl.rank_genes_groups``) of the real
         condition cells vs the real controls.
     layer, pred_layer
         Expression layers of ``real`` and ``pred`` (default: ``X``).
@@ -201,8 +215,11 @@ def lfc_scatter(
         raise KeyError(f"condition must give {perturbation_key!r} (the perturbation key).")
     if parse_condition(str(spec[perturbation_key]), control_value=control_value) == ((), ()):
         raise ValueError(f"condition {condition!r} is the control; pick a perturbed condition.")
-    keys = {"perturbation_key": perturbation_key, "dose_key": dose_key,
-            "control_value": control_value}
+    keys = {
+        "perturbation_key": perturbation_key,
+        "dose_key": dose_key,
+        "control_value": control_value,
+    }
     real_cells = condition_mask(real.obs, spec, **keys, dataset="real")
     pred_cells = condition_mask(pred.obs, spec, **keys, dataset="pred")
     covariates = {k: v for k, v in spec.items() if k not in (perturbation_key, dose_key)}
@@ -229,8 +246,9 @@ def lfc_scatter(
     true_lfc = _mean_log_normalised(real, real_cells, layer, real_counts, target_sum) - control_mean
     pred_mean = _mean_log_normalised(pred, pred_cells, pred_layer, pred_counts, target_sum)
     if reference == "pred_control":
-        pred_control_mean = _mean_log_normalised(pred, pred_controls, pred_layer, pred_counts,
-                                                 target_sum)
+        pred_control_mean = _mean_log_normalised(
+            pred, pred_controls, pred_layer, pred_counts, target_sum
+        )
         pred_lfc = (pred_mean - pred_control_mean)[pred_columns]
     else:
         pred_lfc = pred_mean[pred_columns] - control_mean
@@ -247,16 +265,30 @@ def lfc_scatter(
     ax.axvline(0.0, color="0.85", linewidth=0.8, zorder=0)
     low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
     pad = 0.05 * (high - low or 1.0)
-    ax.plot([low - pad, high + pad], [low - pad, high + pad], linestyle="--", color="0.4",
-            linewidth=1, label="identity (y = x)")
+    ax.plot(
+        [low - pad, high + pad],
+        [low - pad, high + pad],
+        linestyle="--",
+        color="0.4",
+        linewidth=1,
+        label="identity (y = x)",
+    )
     ax.scatter(x, y, s=18, zorder=3, label=f"top {n_genes} genes")
     for i in range(min(annotate, n_genes)):
-        ax.annotate(str(real.var_names[top[i]]), (x[i], y[i]), fontsize="x-small",
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            str(real.var_names[top[i]]),
+            (x[i], y[i]),
+            fontsize="x-small",
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     constant = np.ptp(x) == 0 or np.ptp(y) == 0
     r = np.nan if constant else float(pearsonr(x, y).statistic)
-    ax.set_title(f"{label}\nPearson r = {'n/a' if constant else f'{r:.2f}'} "
-                 f"(top {n_genes} DE genes by {rank_by})", fontsize="medium")
+    ax.set_title(
+        f"{label}\nPearson r = {'n/a' if constant else f'{r:.2f}'} "
+        f"(top {n_genes} DE genes by {rank_by})",
+        fontsize="medium",
+    )
     ax.set_xlabel("true log-fold change vs control")
     ax.set_ylabel(f"predicted log-fold change vs {reference.replace('_', ' ')}")
     ax.set_aspect("equal", adjustable="datalim")

@@ -58,7 +58,10 @@ def panel_axes(
     ncols = min(ncols, n_panels)
     nrows = math.ceil(n_panels / ncols)
     fig, grid = plt.subplots(
-        nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False,
+        nrows,
+        ncols,
+        figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
+        squeeze=False,
         layout="constrained",
     )
     axes = list(grid.ravel())

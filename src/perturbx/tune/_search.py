@@ -74,8 +74,13 @@ def _results_table(result_grid, metric: str, mode: str) -> tuple[pd.DataFrame, l
         row = {"trial_id": (result.metrics or {}).get("trial_id")}
         row.update({f"config/{k}": v for k, v in (result.config or {}).items()})
         row[metric] = reported.get(metric, math.nan)
-        row.update({k: v for k, v in reported.items()
-                    if k not in _RAY_COLUMNS and k not in ("trial_id", "config")})
+        row.update(
+            {
+                k: v
+                for k, v in reported.items()
+                if k not in _RAY_COLUMNS and k not in ("trial_id", "config")
+            }
+        )
         # Ray wraps a trial's exception (RayTaskError); show the user's own exception.
         error = None if result.error is None else getattr(result.error, "cause", result.error)
         row["error"] = None if error is None else repr(error)
@@ -83,15 +88,28 @@ def _results_table(result_grid, metric: str, mode: str) -> tuple[pd.DataFrame, l
         configs.append(dict(result.config or {}))
     table = pd.DataFrame(rows)
     value = pd.to_numeric(table[metric], errors="coerce").to_numpy(dtype=float)
-    order = np.argsort(np.where(np.isfinite(value), value if mode == "min" else -value, np.inf),
-                       kind="stable")
+    order = np.argsort(
+        np.where(np.isfinite(value), value if mode == "min" else -value, np.inf), kind="stable"
+    )
     return table.iloc[order].reset_index(drop=True), [configs[i] for i in order]
 
 
 # Ray's own bookkeeping in every report, left out of the results table.
-_RAY_COLUMNS = {"timestamp", "checkpoint_dir_name", "done", "training_iteration", "date",
-                "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
-                "time_since_restore", "iterations_since_restore", "experiment_tag"}
+_RAY_COLUMNS = {
+    "timestamp",
+    "checkpoint_dir_name",
+    "done",
+    "training_iteration",
+    "date",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "experiment_tag",
+}
 
 
 def run_search(
@@ -199,8 +217,12 @@ def run_search(
     evaluate_kwargs = {**_DEFAULT_EVALUATE, **dict(evaluate_kwargs or {})}
     mode = _check_metric(metric, mode, evaluate_kwargs.get("top_k", (20, 50)))
     setup_kwargs = dict(setup_kwargs)
-    _validation_mask(adata, split_key, setup_kwargs.get("perturbation_key", ""),
-                     setup_kwargs.get("control_value", "control"))
+    _validation_mask(
+        adata,
+        split_key,
+        setup_kwargs.get("perturbation_key", ""),
+        setup_kwargs.get("control_value", "control"),
+    )
     _check_setup(adata, setup_kwargs)
     if adata.is_view:
         adata = adata.copy()  # Ray pickles it; a view would drag its parent along
@@ -212,8 +234,12 @@ def run_search(
     started_ray = not ray.is_initialized()
     if started_ray:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose > 0,
-                 configure_logging=verbose > 0)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=verbose > 0,
+            configure_logging=verbose > 0,
+        )
     try:
         options = {
             "setup_kwargs": setup_kwargs,
@@ -254,7 +280,16 @@ def run_search(
         detail = errors[0] if errors else f"no trial reported a finite {metric!r}"
         raise RuntimeError(f"No trial of the search succeeded: {detail}")
     best = table.iloc[0]
-    best_metrics = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in best.items()
-                    if not k.startswith("config/") and k not in ("trial_id", "error")}
-    return SearchResult(best_config=configs[0], best_metrics=best_metrics, results=table,
-                        metric=metric, mode=mode, result_grid=result_grid)
+    best_metrics = {
+        k: (v.item() if isinstance(v, np.generic) else v)
+        for k, v in best.items()
+        if not k.startswith("config/") and k not in ("trial_id", "error")
+    }
+    return SearchResult(
+        best_config=configs[0],
+        best_metrics=best_metrics,
+        results=table,
+        metric=metric,
+        mode=mode,
+        result_grid=result_grid,
+    )

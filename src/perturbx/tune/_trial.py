@@ -133,8 +133,9 @@ def _route_config(config: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     return model, plan, train
 
 
-def _validation_mask(adata: AnnData, split_key: str, perturbation_key: str,
-                     control_value: str) -> np.ndarray:
+def _validation_mask(
+    adata: AnnData, split_key: str, perturbation_key: str, control_value: str
+) -> np.ndarray:
     """Boolean mask of the validation cells, checked to hold conditions and controls."""
     if split_key not in adata.obs.columns:
         raise KeyError(f"split_key={split_key!r} is not a column of adata.obs.")
@@ -213,7 +214,9 @@ def train_and_evaluate(
     model_kwargs, plan_kwargs, train_kwargs = _route_config(config)
     setup_kwargs = dict(setup_kwargs)
     is_validation = _validation_mask(
-        adata, split_key, setup_kwargs.get("perturbation_key", ""),
+        adata,
+        split_key,
+        setup_kwargs.get("perturbation_key", ""),
         setup_kwargs.get("control_value", "control"),
     )
     adata = adata.copy()
@@ -246,14 +249,19 @@ def _check_setup(adata: AnnData, setup_kwargs: dict[str, Any]) -> None:
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"setup_kwargs layer={layer!r} is not a layer of adata.")
     zeros = sparse.csr_matrix(adata.shape, dtype=np.float32)
-    stand_in = AnnData(zeros, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.var_names),
-                       layers={layer: zeros} if layer is not None else None)
+    stand_in = AnnData(
+        zeros,
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=adata.var_names),
+        layers={layer: zeros} if layer is not None else None,
+    )
     PerturbX.setup_anndata(stand_in, **setup_kwargs)
 
 
 def _trial_report(evaluation: EvaluationResult, metric: str, method: str) -> dict[str, Any]:
     """Medians over the validation conditions: every metric of ``method``, and ``metric``
-    of each baseline (``<metric>_<baseline>``)."""
+    of each baseline (``<metric>_<baseline>``).
+    """
     summary = evaluation.summary
     ours = summary[summary["method"] == method].set_index("metric")["median"]
     report = {name: float(value) for name, value in ours.items()}

@@ -1,6 +1,7 @@
 """Parsing of perturbation conditions: ``"A+B"`` with doses ``"1.0+3.0"``.
 
-This module is the single place where combination and dose strings are read and written.
+This module is the single place where combination and dose strings are read and written
+(and ``+``-joined SMILES of combinations split).
 A *condition* is a tuple of perturbation names and a tuple of doses of the same length,
 paired by position: in ``("A", "B"), (1.0, 10.0)`` drug A is at dose 1 and drug B at dose 10.
 The control condition is the empty tuple.
@@ -192,3 +193,22 @@ def _missing_column_message(obs: pd.DataFrame, key: Hashable, argument: str) -> 
         f"{argument}={key!r} is not a column of adata.obs; available columns: "
         f"{', '.join(map(repr, obs.columns))}."
     )
+
+
+def split_smiles_combination(smiles: str) -> list[str]:
+    """Split ``"SMILES_A+SMILES_B"`` into its members.
+
+    ``+`` also occurs in SMILES, but only inside square brackets (charges such as ``[N+]``),
+    so members are separated by the ``+`` signs found outside brackets.
+    """
+    members, depth, start = [], 0, 0
+    for i, char in enumerate(smiles):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == COMBINATION_SEPARATOR and depth == 0:
+            members.append(smiles[start:i].strip())
+            start = i + 1
+    members.append(smiles[start:].strip())
+    return members

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
-import anndata
 import numpy as np
-import scvi
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
@@ -20,10 +14,6 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from perturbx import __version__ as perturbx_version
-from perturbx._evaluation import EvaluationMixin
-from perturbx._model_files import model_file_paths, read_model_files, write_model_files
-from perturbx._prediction import PredictionMixin
 from perturbx.chem import MorganFeaturizer, canonical_smiles, warn_indistinguishable_molecules
 from perturbx.data._backed import (
     check_minibatch_access,
@@ -45,13 +35,18 @@ from perturbx.data._validation import (
     keeps_adata_on_error,
     unchanged_on_error,
 )
+from perturbx.model._evaluation import EvaluationMixin
+from perturbx.model._prediction import PredictionMixin
+from perturbx.model._save_load import SaveLoadMixin
 from perturbx.module import COUNT_LIKELIHOODS, LIKELIHOODS, PerturbXModule
 from perturbx.train import PerturbXTrainingPlan, check_plan_kwargs, resolve_ddp_strategy
 
 logger = logging.getLogger(__name__)
 
 
-class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class PerturbX(
+    SaveLoadMixin, PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, BaseModelClass
+):
     """Compositional perturbation autoencoder with chemistry-aware drug embeddings.
 
     Each cell is encoded to a *basal latent* from which adversaries try to predict the
@@ -72,10 +67,8 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
     variational
         Sample the basal latent from ``N(mu, sigma)`` with a KL term (default) instead of a
         deterministic encoder. The KL term limits how much a cell's basal latent can carry,
-        which keeps its perturbation out of it: with ``False`` the decoder read perturbation
-        effects from the basal latent and counterfactual predictions of Norman double
-        perturbations fell to the level of the control mean (weighted MSE 0.26 vs 0.015;
-        ``benchmarks/bench_quality.py``).
+        which keeps its perturbation out of it; use ``False`` only to compare (see the
+        benchmarks page for what it costs on held-out combinations).
     dose_response
         ``"amortized"`` (default; parameters from the fingerprint, so new molecules get a
         curve), ``"logsigm"``, ``"sigm"``, ``"linear"`` or ``"mlp"``.
@@ -87,16 +80,14 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         Add the perturbation shift to the decoder's output through a linear map instead of
         passing it through the decoder's hidden layers (see
         :class:`perturbx.module.PerturbXModule`): effects are the same log-fold-change vector
-        in every cell and interpolate as embeddings do. With ``unseen_molecules="ridge"`` it
-        predicted the simulator's held-out drugs better than the defaults (R² of deltas vs
-        the centroid +0.014 vs −0.018) but LINCS's worse (−0.050 vs −0.013), so it is off by
-        default (README, Benchmarks).
+        in every cell and interpolate as embeddings do. Off by default; the benchmarks page
+        says on which data it helps.
     unseen_molecules
         How molecules without training cells (held-out vocabulary entries, new SMILES) are
         embedded: ``"encoder"`` (default), the drug encoder; ``"ridge"``, ridge regressions
         from the fingerprint to the training molecules' encoder embeddings and dose-response
         parameters, fitted at the end of :meth:`train` (see
-        :class:`perturbx.nn.FingerprintRidge`): a new molecule is placed by interpolating
+        :class:`perturbx.module.FingerprintRidge`): a new molecule is placed by interpolating
         between the training molecules instead of by the encoder's extrapolation.
 
     Examples
@@ -133,14 +124,14 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         registry: dict | None = None,
     ):
         super().__init__(adata, registry=registry)
-        check_registry_state(self._perturbation_state)
+        check_registry_state(self.perturbation_registry)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {LIKELIHOODS}.")
         if adata is not None:
             counts = likelihood in COUNT_LIKELIHOODS
             check_minibatch_access(adata, self.registry["setup_args"]["layer"])
             check_expression(adata, self.registry["setup_args"]["layer"], counts)
-        state = self._perturbation_state
+        state = self.perturbation_registry
         fingerprints = np.zeros((len(state["vocabulary"]), self.featurizer.n_bits), np.float32)
         has_structure = np.array([s is not None for s in state["smiles"]], dtype=bool)
         if has_structure.any():
@@ -151,8 +142,8 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
             fingerprints=torch.from_numpy(fingerprints),
             has_structure=torch.from_numpy(has_structure),
             n_labels=len(state["labels"]),
-            n_cats_per_covariate=[len(v) for v in self._covariate_categories.values()],
-            covariate_names=list(self._covariate_categories),
+            n_cats_per_covariate=[len(v) for v in self.covariate_categories.values()],
+            covariate_names=list(self.covariate_categories),
             likelihood=likelihood,
             n_latent=n_latent,
             n_hidden=n_hidden,
@@ -236,7 +227,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         argument, and leaves ``adata`` unchanged: missing columns, no control cells (with
         close matches of ``control_value``), missing (NaN), negative, non-numeric or
         non-finite doses, dose lists whose length differs from the combination's, doses above
-        :data:`perturbx.data._parsing.MAX_DOSE` (``1e6``; doses are never clamped, larger
+        :data:`perturbx.conditions.MAX_DOSE` (``1e6``; doses are never clamped, larger
         values are taken as a unit error), missing perturbations or covariates, duplicate
         obs names, invalid SMILES. Unused categories of categorical columns are harmless:
         perturbations come from the values present, and an unused covariate category gets an
@@ -281,11 +272,15 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
             )
 
     @property
-    def _perturbation_state(self) -> dict:
+    def perturbation_registry(self) -> dict:
+        """The perturbation field's registry: ``vocabulary``, canonical ``smiles`` (``None``
+        for learned perturbations), adversary ``labels``, the ``perturbation_key`` /
+        ``dose_key`` / ``control_value`` and the ``fingerprint`` settings.
+        """
         return self.registry["field_registries"][PERTURBATIONS_KEY]["state_registry"]
 
     @property
-    def _covariate_categories(self) -> dict[str, list]:
+    def covariate_categories(self) -> dict[str, list]:
         """Registered covariates and their categories, in registration order."""
         field = self.registry["field_registries"].get(REGISTRY_KEYS.CAT_COVS_KEY, {})
         state = field.get("state_registry", {})
@@ -293,7 +288,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         return {k: list(state["mappings"][k]) for k in keys}
 
     @property
-    def _smiles_column(self) -> str:
+    def smiles_column(self) -> str:
         """Name of the SMILES column in targets: the registered obs column, else "smiles"."""
         smiles_key = self.registry["setup_args"].get("smiles_key")
         return smiles_key if isinstance(smiles_key, str) else "smiles"
@@ -302,13 +297,14 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
     def featurizer(self) -> MorganFeaturizer:
         """The Morgan featuriser with the registered settings."""
         if not hasattr(self, "_featurizer"):
-            self._featurizer = MorganFeaturizer.from_dict(self._perturbation_state["fingerprint"])
+            settings_ = self.perturbation_registry["fingerprint"]
+            self._featurizer = MorganFeaturizer.from_dict(settings_)
         return self._featurizer
 
     @property
     def perturbations(self) -> list[str]:
         """The perturbation vocabulary (controls excluded)."""
-        return list(self._perturbation_state["vocabulary"])
+        return list(self.perturbation_registry["vocabulary"])
 
     # ----------------------------------------------------------------------- training
     def train(
@@ -442,7 +438,7 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
 
     # -------------------------------------------------------------------- data access
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True):
-        """scvi's validation, with genes matched by name and ``adata`` unchanged on error.
+        """Scvi's validation, with genes matched by name and ``adata`` unchanged on error.
 
         A new AnnData whose genes are the model's in another order (or with extra genes) is
         replaced by a copy in the model's gene order; missing genes are an error.
@@ -456,194 +452,6 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
             logger.info("Matched the AnnData's genes to the model's by name (a reordered copy).")
         with unchanged_on_error(aligned):
             return super()._validate_anndata(aligned, copy_if_view)
-
-    def save(
-        self,
-        dir_path: str | os.PathLike,
-        prefix: str | None = None,
-        overwrite: bool = False,
-        save_anndata: bool = False,
-        **anndata_write_kwargs,
-    ) -> None:
-        """Save the model to a folder, in files that cannot carry code.
-
-        Writes ``{prefix}model.safetensors`` (the weights) and ``{prefix}model.json`` (the
-        registry with the vocabulary and fingerprint settings, the setup and init arguments,
-        the split indices, the training history and the package versions), and with
-        ``save_anndata`` the AnnData as ``{prefix}adata.h5ad``. None of them is read with
-        pickle by :meth:`load`; see :mod:`perturbx._model_files`.
-
-        Parameters
-        ----------
-        dir_path
-            Folder to write; created if needed.
-        prefix
-            Prefix of the file names (several models in one folder).
-        overwrite
-            Replace the files of an existing folder; otherwise an existing folder is an error.
-        save_anndata
-            Also write the model's AnnData (then :meth:`load` needs no ``adata``).
-        **anndata_write_kwargs
-            Passed to :meth:`anndata.AnnData.write_h5ad`.
-
-        Notes
-        -----
-        After training on several processes (DDP) every process holds the same weights and
-        runs the same script; only global rank 0 writes, the others return at once (call
-        ``model.trainer.strategy.barrier()`` before another rank reads the folder).
-        """
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and not trainer.is_global_zero:
-            return
-        dir_path = Path(dir_path)
-        if dir_path.exists() and not overwrite:
-            raise ValueError(
-                f"{dir_path} already exists; pass overwrite=True or another directory."
-            )
-        metadata = {
-            "model_class": type(self).__name__,
-            "versions": {
-                "perturbx": perturbx_version,
-                "scvi-tools": scvi.__version__,
-                "torch": torch.__version__,
-            },
-            # scvi's convention: the public attributes ending in "_" are the model's state
-            "attributes": {k: v for k, v in vars(self).items()
-                           if k.endswith("_") and not k.startswith("_")},
-        }
-        dir_path.mkdir(parents=True, exist_ok=True)
-        paths = model_file_paths(dir_path, prefix)
-        if save_anndata:
-            self.adata.write_h5ad(paths["adata"], **anndata_write_kwargs)
-        write_model_files(dir_path, self.module.state_dict(), metadata, prefix)
-        paths["legacy"].unlink(missing_ok=True)  # an older save's pickle must not linger
-
-    @classmethod
-    def load(
-        cls,
-        dir_path: str | os.PathLike,
-        adata: AnnData | None = None,
-        accelerator: str = "auto",
-        device: int | str = "auto",
-        prefix: str | None = None,
-        trust_pickle: bool = False,
-        **kwargs,
-    ) -> PerturbX:
-        """Load a model written by :meth:`save`.
-
-        Parameters
-        ----------
-        dir_path
-            The folder :meth:`save` wrote.
-        adata
-            AnnData to attach, with the training genes in any order: they are matched by
-            name (if the order differs, or there are extra genes, the model attaches a copy
-            with the training genes in the training order); missing genes are an error.
-            ``None``: the AnnData saved with the model if there is one, else the model is
-            loaded without data (it can still predict from new cells given to
-            :meth:`predict`).
-        accelerator, device
-            Where to put the weights: ``"auto"`` (a GPU if there is one), ``"cpu"``,
-            ``"gpu"``/``"cuda"``; ``device`` picks the GPU by index.
-        prefix
-            Prefix of the file names, as given to :meth:`save`.
-        trust_pickle
-            Read a model folder written by perturbx < 0.2 (or scvi-tools), whose ``model.pt``
-            is a Python pickle: **unpickling runs any code the file contains**, so only do
-            this for files you trust, and save the model again to convert it. Without it such
-            a folder is an error that names this argument, raised before the file is read.
-        **kwargs
-            For ``trust_pickle`` only: passed to
-            :meth:`scvi.model.base.BaseModelClass.load`.
-
-        Raises
-        ------
-        ValueError
-            The folder holds only a pickle-based model file (see ``trust_pickle``), its files
-            are not valid, the saved registry comes from an incompatible perturbx version, or
-            its fingerprint settings do not reproduce the saved fingerprints.
-        """
-        paths = model_file_paths(dir_path, prefix)
-        if trust_pickle and not paths["metadata"].is_file():
-            return cls._load_legacy(dir_path, adata, accelerator, device, prefix, **kwargs)
-        if kwargs:
-            raise TypeError(f"PerturbX.load got unexpected arguments {sorted(kwargs)}.")
-        torch_device = _torch_device(accelerator, device)
-        state_dict, metadata = read_model_files(dir_path, prefix)  # no pickle is read
-        if metadata.get("model_class") != cls.__name__:
-            raise ValueError(
-                f"{dir_path} holds a {metadata.get('model_class')!r} model, not {cls.__name__}."
-            )
-        attributes = dict(metadata["attributes"])
-        registry = attributes.pop("registry_")
-        init_params = attributes.pop("init_params_")
-        if adata is None and paths["adata"].is_file():
-            adata = anndata.read_h5ad(paths["adata"])
-        if adata is not None:  # genes matched by name: a reordered copy if the order differs
-            adata = align_genes(adata, registry["field_registries"][REGISTRY_KEYS.X_KEY][
-                "state_registry"]["column_names"])
-        with unchanged_on_error(adata) if adata is not None else contextlib.nullcontext():
-            if adata is not None:
-                cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
-            non_kwargs = dict(init_params["non_kwargs"])
-            extra = {k: v for group in init_params["kwargs"].values() for k, v in group.items()}
-            model = cls(adata, registry=registry, **non_kwargs, **extra)
-            for name, value in attributes.items():
-                setattr(model, name, value)
-            try:
-                model.module.load_state_dict(state_dict)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"The weights saved in {dir_path!s} do not fit the model described by its "
-                    "saved registry (vocabulary, fingerprint bits or genes differ); the registry "
-                    "was changed or written by another perturbx version."
-                ) from error
-            model._check_saved_fingerprints()
-        model.to_device(torch_device)
-        model.module.eval()
-        return model
-
-    @classmethod
-    def _load_legacy(cls, dir_path, adata, accelerator, device, prefix, **kwargs) -> PerturbX:
-        """scvi-tools' pickle-based loader, for folders saved by perturbx < 0.2."""
-        warnings.warn(
-            f"Loading {dir_path} with trust_pickle=True unpickles its model.pt, which runs any "
-            "code the file contains; do this only for files you trust. Save the model again "
-            "to convert it to the safe format.",
-            UserWarning,
-            stacklevel=3,
-        )
-        with unchanged_on_error(adata) if adata is not None else contextlib.nullcontext():
-            try:
-                model = super().load(
-                    str(dir_path), adata=adata, accelerator=accelerator, device=device,
-                    prefix=prefix, **kwargs,
-                )
-            except RuntimeError as error:
-                if "size mismatch" not in str(error):
-                    raise
-                raise ValueError(
-                    f"The weights saved in {dir_path!s} do not fit the model described by its "
-                    "saved registry (vocabulary, fingerprint bits or genes differ); the registry "
-                    "was changed or written by another perturbx version."
-                ) from error
-            model._check_saved_fingerprints()
-        return model
-
-    def _check_saved_fingerprints(self) -> None:
-        """The registry's SMILES and fingerprint settings must reproduce the saved buffer."""
-        state = self._perturbation_state
-        saved = self.module.perturbation_embedding.fingerprints.cpu().numpy()
-        rows = [i for i, smi in enumerate(state["smiles"]) if smi is not None]
-        if not rows:
-            return
-        recomputed = self.featurizer([state["smiles"][i] for i in rows])
-        if not np.array_equal(recomputed, saved[rows]):
-            raise ValueError(
-                f"The saved fingerprint settings {state['fingerprint']} do not reproduce the "
-                "fingerprints the model was trained with; the registry was changed or written "
-                "by another perturbx version, and new molecules would be embedded wrongly."
-            )
 
     def _batches(self, adata: AnnData | None, indices=None, batch_size: int | None = None):
         adata = self._validate_anndata(adata)
@@ -698,23 +506,3 @@ class PerturbX(PredictionMixin, EvaluationMixin, UnsupervisedTrainingMixin, Base
         return AnnData(
             np.concatenate(out).astype(np.float32), obs=obs.copy(), var=adata.var[[]].copy()
         )
-
-
-def _torch_device(accelerator: str, device: int | str) -> str:
-    """``"cpu"`` or ``"cuda:<i>"`` for :meth:`PerturbX.load`'s ``accelerator`` / ``device``."""
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        raise ValueError(f"accelerator={accelerator!r}: use 'auto', 'cpu', 'gpu' or 'cuda'.")
-    if isinstance(device, str) and device not in ("auto",) and not device.startswith("cuda"):
-        if device == "cpu":
-            return "cpu"
-        raise ValueError(f"device={device!r}: use 'auto', 'cpu', a GPU index or 'cuda:<i>'.")
-    use_gpu = accelerator in ("gpu", "cuda") or (
-        accelerator == "auto" and torch.cuda.is_available()
-    )
-    if not use_gpu:
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise ValueError(f"accelerator={accelerator!r}, but torch sees no GPU.")
-    if isinstance(device, str) and device.startswith("cuda"):
-        return device
-    return f"cuda:{0 if device == 'auto' else int(device)}"

@@ -106,7 +106,7 @@ def from_plain(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
-        (tag, body), = value.items()
+        ((tag, body),) = value.items()
         if tag == "__float__":
             return float(body)
         if tag == "__scalar__":
@@ -119,10 +119,13 @@ def from_plain(value: Any) -> Any:
             return {_hashable(from_plain(k)): from_plain(v) for k, v in body}
         if tag == "__dataframe__":
             columns = from_plain(body["columns"])
-            data = {c: _array_from_plain(d["__ndarray__"]) for c, d in
-                    zip(columns, body["data"], strict=True)}
-            index = pd.Index(_array_from_plain(body["index"]["__ndarray__"]),
-                             name=from_plain(body["index_name"]))
+            data = {
+                c: _array_from_plain(d["__ndarray__"])
+                for c, d in zip(columns, body["data"], strict=True)
+            }
+            index = pd.Index(
+                _array_from_plain(body["index"]["__ndarray__"]), name=from_plain(body["index_name"])
+            )
             return pd.DataFrame(data, index=index, columns=columns)
     return {k: from_plain(v) for k, v in value.items()}
 
@@ -162,8 +165,11 @@ def write_model_files(
     paths = model_file_paths(dir_path, prefix)
     # safetensors refuses tensors that share storage; each is written as its own copy.
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in state_dict.items()}
-    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                **to_plain(dict(metadata), "model")}
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **to_plain(dict(metadata), "model"),
+    }
     text = json.dumps(document, indent=1)  # encoding first: a failure writes nothing
     save_file(tensors, str(paths["weights"]))
     paths["metadata"].write_text(text)
@@ -196,8 +202,7 @@ def read_model_files(
                 "trust_pickle=True) and save it again to convert it to the safe format."
             )
         raise FileNotFoundError(
-            f"{dir_path} holds no {paths['metadata'].name}: not a folder written by "
-            "PerturbX.save."
+            f"{dir_path} holds no {paths['metadata'].name}: not a folder written by PerturbX.save."
         )
     if paths["legacy"].is_file():
         # save() removes it: a pickle next to safe files was put there by someone else
@@ -225,6 +230,7 @@ def read_model_files(
         raise ValueError(
             f"{paths['weights']} is not a readable safetensors file ({error})."
         ) from None
-    metadata = {k: from_plain(v) for k, v in document.items()
-                if k not in ("format", "format_version")}
+    metadata = {
+        k: from_plain(v) for k, v in document.items() if k not in ("format", "format_version")
+    }
     return state_dict, metadata

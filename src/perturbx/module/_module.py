@@ -22,8 +22,7 @@ from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from perturbx.data._fields import NO_LABEL, PERTURBATIONS_KEY
-from perturbx.likelihood import negative_binomial_log_likelihood
-from perturbx.nn import (
+from perturbx.module._layers import (
     Adversary,
     DoseResponse,
     DoseResponseKind,
@@ -31,6 +30,7 @@ from perturbx.nn import (
     hidden_layers,
     mlp,
 )
+from perturbx.module._likelihood import negative_binomial_log_likelihood
 
 Likelihood = Literal["nb", "zinb", "gaussian"]
 UnseenMolecules = Literal["encoder", "ridge"]
@@ -85,7 +85,7 @@ class PerturbXModule(BaseModuleClass):
     variational
         If True, the basal latent is sampled from ``N(mu, sigma)`` with a KL term.
     dose_response
-        See :class:`perturbx.nn.DoseResponse`.
+        See :class:`perturbx.module.DoseResponse`.
     linear_shift_head
         Decode the perturbation shift ``s = Σ_k s_k(d_k) e_k`` linearly: the decoder's hidden
         layers see ``z_b + Σ_c e_c`` and the output (NB log-scale logits / Gaussian mean) is
@@ -95,7 +95,7 @@ class PerturbXModule(BaseModuleClass):
         perturbation.)
     unseen_molecules
         ``"encoder"``: molecules without training cells are embedded by the drug encoder;
-        ``"ridge"``: by :class:`perturbx.nn.FingerprintRidge` maps (embedding and
+        ``"ridge"``: by :class:`perturbx.module.FingerprintRidge` maps (embedding and
         dose-response parameters) fitted with :meth:`fit_unseen_molecule_ridge` after
         training.
     """
@@ -163,7 +163,11 @@ class PerturbXModule(BaseModuleClass):
         self.shift_head = nn.Linear(n_latent, n_genes, bias=False) if linear_shift_head else None
         ridge = unseen_molecules == "ridge"
         self.perturbation_embedding = PerturbationEmbedding(
-            fingerprints, has_structure, n_latent, drug_encoder_hidden, drug_encoder_layers,
+            fingerprints,
+            has_structure,
+            n_latent,
+            drug_encoder_hidden,
+            drug_encoder_layers,
             unseen_ridge=ridge,
         )
         self.dose_response = DoseResponse(
@@ -232,9 +236,7 @@ class PerturbXModule(BaseModuleClass):
         self.eval()
         fingerprints = embedding.fingerprints[rows]
         embedding.unseen_ridge.fit(fingerprints, embedding.drug_encoder(fingerprints), ~seen)
-        dose_response.unseen_ridge.fit(
-            fingerprints, dose_response.parameters_for(rows + 1), ~seen
-        )
+        dose_response.unseen_ridge.fit(fingerprints, dose_response.parameters_for(rows + 1), ~seen)
         self.train(was_training)
 
     def reset_unseen_molecule_ridge(self) -> None:
@@ -338,12 +340,14 @@ class PerturbXModule(BaseModuleClass):
 
     def _plus_linear_effect(self, output: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         """``output + W shift`` with ``linear_shift_head``, else ``output`` itself (no copy:
-        it is a (B, G) tensor)."""
+        it is a (B, G) tensor).
+        """
         return output if self.shift_head is None else output + self.shift_head(shift)
 
     def _decoder_output(self, latent: torch.Tensor) -> torch.Tensor:
         """The decoder's ``(B, G)`` output for latents ``(B, L)``: NB/ZINB log-scale logits
-        (before the softmax over genes) or the Gaussian mean."""
+        (before the softmax over genes) or the Gaussian mean.
+        """
         h = self.decoder_body(latent)
         return self.scale_head(h) if self.likelihood in COUNT_LIKELIHOODS else self.mean_head(h)
 
@@ -461,8 +465,7 @@ class PerturbXModule(BaseModuleClass):
             reconstruction = -generative_outputs["px"].log_prob(x).sum(-1)
         qz = inference_outputs["qz"]
         if qz is not None:
-            prior = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale),
-                           validate_args=False)
+            prior = Normal(torch.zeros_like(qz.loc), torch.ones_like(qz.scale), validate_args=False)
             kl = kl_divergence(qz, prior).sum(-1)
         else:
             kl = torch.zeros_like(reconstruction)

@@ -13,8 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from perturbx.data._fields import close_matches_text, split_smiles_combination
-from perturbx.data._parsing import format_condition, parse_condition
+from perturbx.conditions import (
+    MAX_DOSE,
+    format_condition,
+    parse_condition,
+    split_smiles_combination,
+)
+from perturbx.data._fields import close_matches_text
 
 KEEP_SOURCE = -1  # covariate code meaning "use the source cell's own value"
 _DOSE_OMITTED = "<dose not given>"  # a target dict without a dose: every member at dose 1
@@ -119,8 +124,10 @@ def resolve_targets(
     """
     pkey, dkey, control = state["perturbation_key"], state["dose_key"], state["control_value"]
     dose_column = dkey or "dose"
-    if isinstance(target, Sequence) and not isinstance(target, str) and all(
-        isinstance(t, Mapping) for t in target
+    if (
+        isinstance(target, Sequence)
+        and not isinstance(target, str)
+        and all(isinstance(t, Mapping) for t in target)
     ):  # a dict that leaves out the dose means dose 1, unlike an explicit NaN
         target = [t if dose_column in t else {**t, dose_column: _DOSE_OMITTED} for t in target]
     frame = targets_frame(target, pkey)
@@ -141,8 +148,10 @@ def resolve_targets(
         omitted = isinstance(dose, str) and dose == _DOSE_OMITTED
         dose_missing = omitted or _missing(dose)
         names, member_doses = parse_condition(
-            _text(row[pkey], f"target row {t}: {pkey!r}"), None if dose_missing else dose,
-            control_value=control, where=f"target row {t}",
+            _text(row[pkey], f"target row {t}: {pkey!r}"),
+            None if dose_missing else dose,
+            control_value=control,
+            where=f"target row {t}",
         )
         if names and dose_missing and not omitted:
             raise ValueError(
@@ -195,8 +204,11 @@ def resolve_targets(
             if name in index_of:
                 registered = state["smiles"][index_of[name] - 1]
                 if canonical != registered:
-                    what = (f"the molecule {registered!r}" if registered is not None
-                            else "a learned perturbation (no structure)")
+                    what = (
+                        f"the molecule {registered!r}"
+                        if registered is not None
+                        else "a learned perturbation (no structure)"
+                    )
                     raise ValueError(
                         f"target row {t}: {name!r} is known to the model as {what}, but the "
                         f"target gives the SMILES {smi!r} ({canonical!r}), another molecule. "
@@ -262,3 +274,68 @@ def _missing(value) -> bool:
         return bool(pd.isna(value))
     except (TypeError, ValueError):
         return False
+
+
+def check_prediction_arguments(
+    n_cells_per_target, library_size, batch_size, counts_likelihood: bool
+) -> None:
+    """Errors naming the argument for :meth:`PredictionMixin.predict`'s numeric arguments."""
+    if n_cells_per_target is not None and (
+        isinstance(n_cells_per_target, bool)
+        or not isinstance(n_cells_per_target, (int, np.integer))
+        or n_cells_per_target < 1
+    ):
+        raise ValueError(
+            f"n_cells_per_target={n_cells_per_target!r} must be a positive integer or None."
+        )
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or (batch_size < 1)
+    ):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    if isinstance(library_size, str):
+        if library_size != "observed":
+            raise ValueError(
+                f"library_size={library_size!r} must be 'observed' or a positive number."
+            )
+        return
+    if (
+        isinstance(library_size, bool)
+        or not isinstance(library_size, (int, float, np.integer, np.floating))
+        or not np.isfinite(library_size)
+        or library_size <= 0
+    ):
+        raise ValueError(
+            f"library_size={library_size!r} must be 'observed' or a positive, finite number."
+        )
+    if not counts_likelihood:
+        raise ValueError("library_size applies to counts likelihoods ('nb'/'zinb') only.")
+
+
+def checked_doses(doses, argument: str, n_values: int | None = None) -> np.ndarray:
+    """``doses`` as a float array: finite, non-negative, at most ``MAX_DOSE``.
+
+    ``n_values``: a sequence must have that many entries (one per perturbation); a scalar
+    is accepted for all.
+    """
+    try:
+        values = np.asarray(doses, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{argument}={doses!r} must be numbers.") from None
+    if values.ndim > 1:
+        raise ValueError(
+            f"{argument} must be a number or a 1-d sequence, got shape {values.shape}."
+        )
+    if values.ndim == 1 and n_values is not None and len(values) != n_values:
+        raise ValueError(
+            f"{argument} has {len(values)} values for {n_values} perturbations; give one dose "
+            "per perturbation, or a single number for all."
+        )
+    bad = values[~np.isfinite(values) | (values < 0) | (values > MAX_DOSE)]
+    if bad.size:
+        raise ValueError(
+            f"{argument} contains {bad.ravel()[:5].tolist()}: doses must be finite, "
+            f"non-negative and at most {MAX_DOSE:g}."
+        )
+    return values

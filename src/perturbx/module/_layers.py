@@ -194,9 +194,7 @@ class PerturbationEmbedding(nn.Module):
         self.token_embedding = nn.Embedding(n_vocab + 1, n_latent)
         nn.init.normal_(self.token_embedding.weight, std=0.1)
         self.drug_encoder = (
-            mlp(n_bits, n_latent, n_hidden, n_layers, dropout_rate)
-            if has_structure.any()
-            else None
+            mlp(n_bits, n_latent, n_hidden, n_layers, dropout_rate) if has_structure.any() else None
         )
         self.unseen_ridge = FingerprintRidge(n_vocab, n_bits, n_latent) if unseen_ridge else None
 
@@ -292,9 +290,7 @@ class DoseResponse(nn.Module):
         self.register_buffer("has_structure", has_structure.bool().clone())
         self.shared_mlp = mlp(1 + _MLP_CODE_SIZE, 1, n_hidden, 1) if kind == "mlp" else None
         self.amortizer = (
-            mlp(n_bits, 2, n_hidden, 1)
-            if kind == "amortized" and has_structure.any()
-            else None
+            mlp(n_bits, 2, n_hidden, 1) if kind == "amortized" and has_structure.any() else None
         )
         self.register_buffer("fingerprints", fingerprints.float())
         self.unseen_ridge = FingerprintRidge(n_vocab, n_bits, n_params) if unseen_ridge else None

@@ -4,7 +4,7 @@
 covariates, or SMILES of molecules never seen in training) into the module's inputs and
 decodes the answer: :meth:`~PredictionMixin.predict`, :meth:`~PredictionMixin.predict_conditions`,
 the perturbation embeddings and dose responses. Scoring predictions against baselines lives
-in :mod:`perturbx._evaluation`.
+in :mod:`perturbx.model._evaluation`.
 """
 
 from __future__ import annotations
@@ -20,16 +20,23 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
-from perturbx._targets import KEEP_SOURCE, ResolvedTargets, resolve_targets
 from perturbx.chem import canonical_smiles, nearest_reference
-from perturbx.data._fields import split_smiles_combination
-from perturbx.data._parsing import MAX_DOSE, format_condition, parse_condition_columns
-from perturbx.data._validation import check_obs, keeps_adata_on_error
+from perturbx.conditions import (
+    split_smiles_combination,
+)
+from perturbx.data._validation import keeps_adata_on_error
+from perturbx.model._targets import (
+    KEEP_SOURCE,
+    ResolvedTargets,
+    check_prediction_arguments,
+    checked_doses,
+    resolve_targets,
+)
 from perturbx.module import COUNT_LIKELIHOODS, split_perturbations
 
 
 @dataclass
-class _PredictionPlan:
+class PredictionPlan:
     """A resolved :meth:`PredictionMixin.predict` query, before decoding.
 
     ``targets``: the resolved targets; ``extra``: fingerprints of molecules outside the
@@ -52,65 +59,6 @@ class _PredictionPlan:
         return sum(map(len, self.target_rows))
 
 
-def check_prediction_arguments(
-    n_cells_per_target, library_size, batch_size, counts_likelihood: bool
-) -> None:
-    """Errors naming the argument for :meth:`PredictionMixin.predict`'s numeric arguments."""
-    if n_cells_per_target is not None and (
-        isinstance(n_cells_per_target, bool)
-        or not isinstance(n_cells_per_target, (int, np.integer))
-        or n_cells_per_target < 1
-    ):
-        raise ValueError(
-            f"n_cells_per_target={n_cells_per_target!r} must be a positive integer or None."
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
-        batch_size < 1
-    ):
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    if isinstance(library_size, str):
-        if library_size != "observed":
-            raise ValueError(
-                f"library_size={library_size!r} must be 'observed' or a positive number."
-            )
-        return
-    if isinstance(library_size, bool) or not isinstance(
-        library_size, (int, float, np.integer, np.floating)
-    ) or not np.isfinite(library_size) or library_size <= 0:
-        raise ValueError(
-            f"library_size={library_size!r} must be 'observed' or a positive, finite number."
-        )
-    if not counts_likelihood:
-        raise ValueError("library_size applies to counts likelihoods ('nb'/'zinb') only.")
-
-
-def checked_doses(doses, argument: str, n_values: int | None = None) -> np.ndarray:
-    """``doses`` as a float array: finite, non-negative, at most ``MAX_DOSE``.
-
-    ``n_values``: a sequence must have that many entries (one per perturbation); a scalar
-    is accepted for all.
-    """
-    try:
-        values = np.asarray(doses, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"{argument}={doses!r} must be numbers.") from None
-    if values.ndim > 1:
-        raise ValueError(f"{argument} must be a number or a 1-d sequence, got shape "
-                         f"{values.shape}.")
-    if values.ndim == 1 and n_values is not None and len(values) != n_values:
-        raise ValueError(
-            f"{argument} has {len(values)} values for {n_values} perturbations; give one dose "
-            "per perturbation, or a single number for all."
-        )
-    bad = values[~np.isfinite(values) | (values < 0) | (values > MAX_DOSE)]
-    if bad.size:
-        raise ValueError(
-            f"{argument} contains {bad.ravel()[:5].tolist()}: doses must be finite, "
-            f"non-negative and at most {MAX_DOSE:g}."
-        )
-    return values
-
-
 def sampling_member(n_cells: int, n_models: int, offset: int = 0) -> np.ndarray:
     """Which ensemble member draws each of ``n_cells`` sampled cells.
 
@@ -124,15 +72,15 @@ class PredictionMixin:
     """Counterfactual prediction, perturbation embeddings and dose responses for ``PerturbX``.
 
     Mixed into :class:`perturbx.PerturbX` (as scvi-tools mixes ``RNASeqMixin`` into its
-    models); relies on its ``module``, registry properties (``_perturbation_state``,
-    ``_covariate_categories``, ``_smiles_column``, ``featurizer``, ``perturbations``), data
+    models); relies on its ``module``, registry properties (``perturbation_registry``,
+    ``covariate_categories``, ``smiles_column``, ``featurizer``, ``perturbations``), data
     access (``_validate_anndata``, ``_batches``) and scvi's ``adata`` and ``train_indices_``.
     """
 
     @property
     def _embeds_molecules(self) -> bool:
         """Whether the model has a drug encoder (a perturbation registered with a SMILES)."""
-        return any(smiles is not None for smiles in self._perturbation_state["smiles"])
+        return any(smiles is not None for smiles in self.perturbation_registry["smiles"])
 
     # --------------------------------------------------------------------- prediction
     def _source_indices(self, adata: AnnData, source) -> np.ndarray:
@@ -159,8 +107,11 @@ class PredictionMixin:
             raise TypeError(
                 f"source must be 'control', a boolean mask or integer cell indices; got an "
                 f"array of dtype {source.dtype} and shape {source.shape}"
-                + (" (obs names: pass np.flatnonzero(adata.obs_names.isin(names)))."
-                   if source.dtype.kind in "OUS" else ".")
+                + (
+                    " (obs names: pass np.flatnonzero(adata.obs_names.isin(names)))."
+                    if source.dtype.kind in "OUS"
+                    else "."
+                )
             )
         if len(source) == 0:
             raise ValueError("source selects no cells (no indices given).")
@@ -190,7 +141,7 @@ class PredictionMixin:
 
     def _seen_in_training(self) -> np.ndarray:
         """``(P,)`` bool: vocabulary entries with training cells (all, if unknown)."""
-        seen = np.ones(len(self._perturbation_state["vocabulary"]), dtype=bool)
+        seen = np.ones(len(self.perturbation_registry["vocabulary"]), dtype=bool)
         if self.adata is not None and self.train_indices_ is not None:
             packed = np.asarray(self.adata.obsm["_perturbx_perturbations"])[self.train_indices_]
             _, index, _ = split_perturbations(torch.from_numpy(packed))
@@ -216,7 +167,7 @@ class PredictionMixin:
 
     def _training_molecules(self) -> tuple[list[str], list[str]]:
         """Names and SMILES of the vocabulary's molecules that have training cells."""
-        state = self._perturbation_state
+        state = self.perturbation_registry
         seen = self._seen_in_training()
         chosen = [
             (name, smiles)
@@ -292,28 +243,34 @@ class PredictionMixin:
         covariates, ``condition``, and for molecules not in the training data their
         ``smiles``, ``max_tanimoto_to_training`` and ``nearest_training_drug``.
         """
-        plan = self._plan_prediction(
-            adata, target, source=source, n_cells_per_target=n_cells_per_target,
-            library_size=library_size, repeat_sources=repeat_sources, batch_size=batch_size,
+        plan = self.plan_prediction(
+            adata,
+            target,
+            source=source,
+            n_cells_per_target=n_cells_per_target,
+            library_size=library_size,
+            repeat_sources=repeat_sources,
+            batch_size=batch_size,
             seed=seed,
         )
         # Filled batch by batch: peak memory is the result plus one batch, not twice the result.
         predicted = np.empty((plan.n_cells, plan.adata.n_vars), dtype=np.float32)
         offset = 0
-        for _, values in self._predicted_batches(plan, sample=sample, batch_size=batch_size,
-                                                 seed=seed):
+        for _, values in self.decode_prediction(
+            plan, sample=sample, batch_size=batch_size, seed=seed
+        ):
             predicted[offset : offset + len(values)] = values
             offset += len(values)
         obs = pd.concat(
             [self._target_obs(plan, t) for t in range(len(plan.target_rows))], ignore_index=True
         )
-        obs = self._annotate_new_molecules(obs, plan.targets, self._smiles_column)
+        obs = self._annotate_new_molecules(obs, plan.targets, self.smiles_column)
         obs.index = [f"pred_{i}" for i in range(len(obs))]
         for key in obs.columns:  # text columns (object, or pandas 3's str) as categories
             if pd.api.types.is_object_dtype(obs[key]) or pd.api.types.is_string_dtype(obs[key]):
                 obs[key] = obs[key].astype(str).astype("category")
         result = AnnData(predicted, obs=obs, var=plan.adata.var[[]].copy())
-        state = self._perturbation_state
+        state = self.perturbation_registry
         result.uns["perturbx_prediction"] = {
             "likelihood": self.module.likelihood,
             "values": "samples" if sample else "expected",
@@ -321,11 +278,11 @@ class PredictionMixin:
             "control_value": state["control_value"],
             "perturbation_key": state["perturbation_key"],
             "dose_key": state["dose_key"] or "dose",
-            "covariate_keys": list(self._covariate_categories),
+            "covariate_keys": list(self.covariate_categories),
         }
         return result
 
-    def _plan_prediction(
+    def plan_prediction(
         self,
         adata: AnnData | None,
         target,
@@ -336,17 +293,26 @@ class PredictionMixin:
         repeat_sources: bool,
         batch_size: int,
         seed: int,
-    ) -> _PredictionPlan:
+    ) -> PredictionPlan:
         """Resolve the targets, encode the source cells and choose each target's source rows
-        (arguments as in :meth:`predict`)."""
+        (arguments as in :meth:`predict`).
+        """
         if repeat_sources and n_cells_per_target is None:
             raise ValueError("repeat_sources=True needs n_cells_per_target (cells per target).")
-        check_prediction_arguments(n_cells_per_target, library_size, batch_size,
-                                   self.module.likelihood in COUNT_LIKELIHOODS)
+        check_prediction_arguments(
+            n_cells_per_target,
+            library_size,
+            batch_size,
+            self.module.likelihood in COUNT_LIKELIHOODS,
+        )
         self.module.eval()
         targets = resolve_targets(
-            target, self._perturbation_state, self._covariate_categories, canonical_smiles,
-            self._smiles_column, embeds_molecules=self._embeds_molecules,
+            target,
+            self.perturbation_registry,
+            self.covariate_categories,
+            canonical_smiles,
+            self.smiles_column,
+            embeds_molecules=self._embeds_molecules,
         )
         extra = None
         if targets.new_smiles:
@@ -376,15 +342,17 @@ class PredictionMixin:
                 extra_rows = rng.choice(rows, remainder, replace=False)
                 rows = np.sort(np.concatenate([np.repeat(rows, repeats), extra_rows]))
             target_rows.append(rows)
-        return _PredictionPlan(targets, extra, adata, sources, basal, library, covariates,
-                               target_rows)
+        return PredictionPlan(
+            targets, extra, adata, sources, basal, library, covariates, target_rows
+        )
 
     @torch.inference_mode()
-    def _predicted_batches(
-        self, plan: _PredictionPlan, *, sample: bool, batch_size: int, seed: int
+    def decode_prediction(
+        self, plan: PredictionPlan, *, sample: bool, batch_size: int, seed: int
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Decode ``plan`` batch by batch: yields ``(target, (n, G) float32 values)`` in
-        target order, each target's cells in row order (``sample``: draws, else means)."""
+        target order, each target's cells in row order (``sample``: draws, else means).
+        """
         generator = torch.Generator().manual_seed(seed)
         for t, rows in enumerate(plan.target_rows):
             codes = plan.targets.covariate_codes[t]
@@ -398,8 +366,12 @@ class PredictionMixin:
                     if code != KEEP_SOURCE:
                         cov[:, c] = int(code)
                 px = self.module.generative(
-                    plan.basal[chunk], plan.library[chunk], index, dose,
-                    cov if cov.shape[1] else None, plan.extra,
+                    plan.basal[chunk],
+                    plan.library[chunk],
+                    index,
+                    dose,
+                    cov if cov.shape[1] else None,
+                    plan.extra,
                 )["px"]
                 if sample:
                     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -408,10 +380,10 @@ class PredictionMixin:
                     values = px.mean
                 yield t, values.cpu().numpy().astype(np.float32, copy=False)
 
-    def _target_obs(self, plan: _PredictionPlan, t: int) -> pd.DataFrame:
+    def _target_obs(self, plan: PredictionPlan, t: int) -> pd.DataFrame:
         """``.obs`` of target ``t``'s predicted cells (before the new-molecule annotation)."""
         rows = plan.target_rows[t]
-        categories = self._covariate_categories
+        categories = self.covariate_categories
         obs = pd.DataFrame({"source_cell": plan.adata.obs_names[plan.sources[rows]].to_numpy()})
         for key, value in plan.targets.obs.iloc[t].items():
             obs[key] = value
@@ -447,10 +419,16 @@ class PredictionMixin:
     # ------------------------------------------------------------ embeddings and doses
     def _resolve_members(self, perturbations: Sequence[str]):
         """Vocabulary indices (or new-molecule indices) and fingerprints of new molecules."""
-        state = self._perturbation_state
+        state = self.perturbation_registry
         frame = pd.DataFrame({state["perturbation_key"]: list(perturbations)})
-        targets = resolve_targets(frame, state, {}, canonical_smiles, self._smiles_column,
-                                  embeds_molecules=self._embeds_molecules)
+        targets = resolve_targets(
+            frame,
+            state,
+            {},
+            canonical_smiles,
+            self.smiles_column,
+            embeds_molecules=self._embeds_molecules,
+        )
         if (targets.index > 0).sum(1).max() > 1:
             raise ValueError("Give single perturbations here, not combinations.")
         extra = None
@@ -484,9 +462,7 @@ class PredictionMixin:
         embedding = self.module.perturbation_embedding(index, extra)[:, 0]
         if doses is not None:
             values = checked_doses(doses, "doses", n_values=len(perturbations))
-            dose = torch.as_tensor(
-                np.broadcast_to(values.astype(np.float32), (len(index),)).copy()
-            )
+            dose = torch.as_tensor(np.broadcast_to(values.astype(np.float32), (len(index),)).copy())
             scale = self.module.dose_response(index, dose.unsqueeze(1), extra)
             embedding = embedding * scale
         return pd.DataFrame(
@@ -508,135 +484,3 @@ class PredictionMixin:
         return (
             self.module.dose_response(index.expand(len(dose), 1), dose, extra)[:, 0].cpu().numpy()
         )
-
-    # --------------------------------------------------------------------- evaluation
-    @keeps_adata_on_error("adata_eval")
-    def predict_conditions(
-        self,
-        adata_eval: AnnData,
-        *,
-        n_cells_per_target: int | None = 500,
-        seed: int = 0,
-        batch_size: int = 1024,
-    ) -> AnnData:
-        """Predict every perturbed condition of ``adata_eval`` counterfactually, from controls.
-
-        Each non-control condition (perturbation × dose × covariates) of ``adata_eval`` is
-        predicted from control cells of matching covariates (those of ``adata_eval``, else
-        the model's training controls), never by reconstructing its treated cells. With a
-        counts likelihood the predicted cells are samples from the decoder's distribution,
-        so that they carry the same sampling noise as real cells.
-
-        Parameters
-        ----------
-        adata_eval
-            Held-out cells: the conditions to predict (and, ideally, held-out controls).
-            Perturbations need not be known to the model if they have SMILES in the
-            registered SMILES column.
-        n_cells_per_target
-            Predicted cells per condition: a seeded subsample of the matching control cells.
-            With a counts likelihood, when fewer control cells match, each is used several
-            times, every time with a new draw (``repeat_sources`` of :meth:`predict`): a
-            condition's predicted mean then does not carry the noise of a few draws.
-        seed
-            Seed of the subsampling and of the sampling.
-        batch_size
-            Cells per forward pass.
-
-        Returns
-        -------
-        AnnData ``(n_conditions × n_source_cells, n_genes)`` as from :meth:`predict`
-        (counts for counts likelihoods, log-normalised values for ``gaussian``; copied to
-        the registered layer too, so that it can be scored like the real cells).
-        """
-        sources, source_cells, targets = self._condition_targets(adata_eval)
-        sample = self.module.likelihood in COUNT_LIKELIHOODS
-        pred = self.predict(
-            sources,
-            target=targets,
-            source=source_cells,
-            n_cells_per_target=n_cells_per_target,
-            # Counts: samples, so that predictions and cells share the noise that the
-            # log-normalisation turns into bias (log of a mean != mean of logs), and enough
-            # of them that the predicted condition is not just a few draws.
-            sample=sample,
-            repeat_sources=sample,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        layer = self.registry["setup_args"]["layer"]
-        if layer is not None:
-            pred.layers[layer] = pred.X
-        return pred
-
-    def _condition_targets(
-        self, adata_eval: AnnData
-    ) -> tuple[AnnData, str | np.ndarray, pd.DataFrame]:
-        """The source cells and targets with which :meth:`predict_conditions` calls
-        :meth:`predict`: ``(source AnnData, source, targets)``, one target per perturbed
-        condition of ``adata_eval`` (perturbation × dose × covariates), in name order."""
-        state = self._perturbation_state
-        pkey, dkey = state["perturbation_key"], state["dose_key"]
-        covariate_keys = list(self._covariate_categories)
-        if self.adata is None:
-            raise ValueError(
-                "Predicting held-out conditions needs the model's training AnnData (load the "
-                "model with adata=)."
-            )
-        missing = [
-            k for k in [pkey, dkey, *covariate_keys] if k and k not in adata_eval.obs.columns
-        ]
-        if missing:
-            raise KeyError(f"adata_eval.obs lacks the registered column(s) {missing}.")
-        check_obs(adata_eval, covariate_keys)
-        is_control = adata_eval.obs[pkey].astype(str).to_numpy() == state["control_value"]
-        if not (~is_control).any():
-            raise ValueError("adata_eval has no perturbed cells to evaluate.")
-        if is_control.any():
-            if adata_eval.isbacked:
-                raise ValueError(
-                    "predict_conditions / evaluate: adata_eval is backed (on disk); its control "
-                    "cells are copied into memory. Pass adata_eval.to_memory() (held-out cells)."
-                )
-            # Cells and targets in a canonical (name) order: results do not depend on the
-            # order of adata_eval's cells through the seeded subsampling and sampling.
-            sources = adata_eval[np.sort(adata_eval.obs_names[is_control])].copy()
-            source_cells = "control"
-        else:
-            # The model's own AnnData, cells chosen by index: no copy (it may be on disk).
-            sources, source_cells = self.adata, self._training_control_indices()
-        columns = [pkey] + ([dkey] if dkey else []) + covariate_keys
-        smiles_column = self._smiles_column
-        if smiles_column in adata_eval.obs.columns:
-            columns.append(smiles_column)
-        # One target per condition however its dose is written ("3" / "3.0") and whatever
-        # the order of a combination's members ("A+B" at "1+10" is "B+A" at "10+1").
-        conditions, codes = parse_condition_columns(
-            adata_eval.obs, pkey, dkey, state["control_value"]
-        )
-        control = state["control_value"]
-        canonical = []
-        for names, doses in conditions:
-            members = sorted(zip(names, doses, strict=True))
-            canonical.append(format_condition([n for n, _ in members], [d for _, d in members],
-                                              control_value=control))
-        targets = adata_eval.obs.loc[~is_control, columns].astype(object)
-        targets[pkey] = [canonical[c][0] for c in codes[~is_control]]
-        if dkey:
-            targets[dkey] = [canonical[c][1] for c in codes[~is_control]]
-        targets = targets.drop_duplicates(
-            subset=[pkey] + ([dkey] if dkey else []) + covariate_keys
-        )
-        order = np.argsort(targets.astype(str).agg("|".join, axis=1).to_numpy(), kind="stable")
-        return sources, source_cells, targets.iloc[order].reset_index(drop=True)
-
-    def _training_indices(self) -> np.ndarray:
-        if self.train_indices_ is None:
-            return np.arange(self.adata.n_obs)
-        return np.asarray(self.train_indices_)
-
-    def _training_control_indices(self) -> np.ndarray:
-        train = self._training_indices()
-        packed = torch.from_numpy(np.asarray(self.adata.obsm["_perturbx_perturbations"])[train])
-        _, index, _ = split_perturbations(packed)
-        return train[(index == 0).all(1).numpy()]

@@ -2,7 +2,7 @@
 
 On molecules never seen in training a single network's prediction carries much variance
 from its random initialisation and minibatch order; averaging a few models trained on the
-same cells removes part of it (README, "Benchmarks": the simulator's held-out drugs).
+same cells removes part of it (measured on the benchmarks page).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 from anndata import AnnData
 from scvi import settings
 
-from perturbx._evaluation import predicted_condition_means
-from perturbx._prediction import sampling_member
-from perturbx.model import PerturbX
+from perturbx.model._evaluation import predicted_condition_means
+from perturbx.model._perturbx import PerturbX
+from perturbx.model._prediction import sampling_member
 
 _MANIFEST = "perturbx_ensemble.json"
 logger = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ class PerturbXEnsemble:
     ) -> AnnData:
         """Predict every perturbed condition of ``adata_eval`` from controls (see
         :meth:`perturbx.PerturbX.predict_conditions`), combined over members as in
-        :meth:`predict`."""
+        :meth:`predict`.
+        """
         return self._combine(
             lambda m: m.predict_conditions(
                 adata_eval, n_cells_per_target=n_cells_per_target, seed=seed, batch_size=batch_size
@@ -215,13 +216,17 @@ class PerturbXEnsemble:
         """Score the ensemble's predictions of ``adata_eval`` with baselines (see
         :meth:`perturbx.PerturbX.evaluate`; the perturbed centroid is the mean of the
         training conditions, which all members share). ``method_name`` defaults to
-        ``"PerturbX (ensemble of K)"``."""
+        ``"PerturbX (ensemble of K)"``.
+        """
         first = self.models[0]
         pred = predicted_condition_means(
-            self.models, adata_eval, n_cells_per_target=n_cells_per_target, seed=seed,
+            self.models,
+            adata_eval,
+            n_cells_per_target=n_cells_per_target,
+            seed=seed,
             batch_size=batch_size,
         )
-        return first._score_predictions(
+        return first.score_predictions(
             pred,
             adata_eval,
             baselines=baselines,
@@ -261,7 +266,8 @@ class PerturbXEnsemble:
     # ------------------------------------------------------------------------ save / load
     def save(self, dir_path: str | Path, overwrite: bool = False, save_anndata: bool = False):
         """Save every member to ``dir_path/member_<k>/`` (with the AnnData once, in member 0's
-        folder, if ``save_anndata``) and a manifest ``perturbx_ensemble.json``."""
+        folder, if ``save_anndata``) and a manifest ``perturbx_ensemble.json``.
+        """
         dir_path = Path(dir_path)
         if dir_path.exists() and any(dir_path.iterdir()) and not overwrite:
             raise ValueError(
@@ -285,7 +291,8 @@ class PerturbXEnsemble:
         :meth:`perturbx.PerturbX.load`; if ``None``, the AnnData saved with the first member).
 
         ``trust_pickle``: also read members saved by perturbx < 0.2, whose files are Python
-        pickles that can run code when read (see :meth:`perturbx.PerturbX.load`)."""
+        pickles that can run code when read (see :meth:`perturbx.PerturbX.load`).
+        """
         dir_path = Path(dir_path)
         manifest_path = dir_path / _MANIFEST
         if not manifest_path.is_file():
@@ -308,7 +315,7 @@ def _signature(model: PerturbX) -> dict[str, Any]:
     x_state = model.registry["field_registries"]["X"]["state_registry"]
     return {
         "genes": list(x_state["column_names"]),
-        "perturbations": model._perturbation_state,
-        "covariates": model._covariate_categories,
+        "perturbations": model.perturbation_registry,
+        "covariates": model.covariate_categories,
         "likelihood": model.module.likelihood,
     }

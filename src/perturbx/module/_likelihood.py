@@ -40,7 +40,8 @@ def _look_up(table: torch.Tensor, position: torch.Tensor, shape: torch.Size) -> 
 
 class _NegativeBinomialLogLikelihood(torch.autograd.Function):
     """Per-cell NB log-likelihood with a hand-written backward (see
-    :func:`negative_binomial_log_likelihood`)."""
+    :func:`negative_binomial_log_likelihood`).
+    """
 
     @staticmethod
     def forward(ctx, x, log_rate, log_theta):
@@ -74,7 +75,14 @@ class _NegativeBinomialLogLikelihood(torch.autograd.Function):
             placeholder = lgamma_table.reshape(-1)[position[outside]]
             gamma = gamma.index_add(0, cell, exact - placeholder)
         ctx.save_for_backward(
-            x, log_ratio, softplus_ratio, x_plus_theta, theta, steps, position, outside,
+            x,
+            log_ratio,
+            softplus_ratio,
+            x_plus_theta,
+            theta,
+            steps,
+            position,
+            outside,
             outside_counts,
         )
         return dense + gamma
@@ -82,8 +90,17 @@ class _NegativeBinomialLogLikelihood(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (x, log_ratio, softplus_ratio, x_plus_theta, theta, steps, position, outside,
-         outside_counts) = ctx.saved_tensors
+        (
+            x,
+            log_ratio,
+            softplus_ratio,
+            x_plus_theta,
+            theta,
+            steps,
+            position,
+            outside,
+            outside_counts,
+        ) = ctx.saved_tensors
         weight = grad.unsqueeze(-1)
         grad_log_rate = (x - x_plus_theta * torch.sigmoid(log_ratio)) * weight
         # digamma(c + theta) - digamma(theta) = sum_{i<c} 1 / (theta + i), same table layout.
@@ -95,9 +112,9 @@ class _NegativeBinomialLogLikelihood(torch.autograd.Function):
             placeholder = digamma_table.reshape(-1)[position[outside]]
             digamma_sum = digamma_sum.index_add(0, gene, (exact - placeholder) * grad[cell])
         # d/d log(theta) = theta * d/d theta; the log_ratio terms give -grad_log_rate.
-        grad_log_theta = (
-            theta * (digamma_sum - (softplus_ratio * weight).sum(0)) - grad_log_rate.sum(0)
-        )
+        grad_log_theta = theta * (
+            digamma_sum - (softplus_ratio * weight).sum(0)
+        ) - grad_log_rate.sum(0)
         return None, grad_log_rate, grad_log_theta
 
 
