@@ -14,7 +14,7 @@ from anndata import AnnData
 from sklearn.metrics import r2_score
 
 import perturbx.metrics as pm
-from perturbx.metrics._functions import metric_arrays
+from perturbx.metrics._registry import metric_arrays
 
 
 def test_metrics_package_imports_no_torch_or_model():
@@ -292,3 +292,30 @@ def test_metric_info_directions():
     assert "overlap_at_5" in info.index and "direction_agreement_top5" in info.index
     with pytest.raises(ValueError, match="top_k"):
         pm.metric_info((0,))
+
+
+def test_the_registry_describes_exactly_the_metrics_it_computes():
+    rng = np.random.default_rng(0)
+    true, control, centroid = (rng.normal(size=(4, 30)) for _ in range(3))
+    pred = true + rng.normal(scale=0.1, size=true.shape)
+    de = rng.normal(size=(4, 30))
+    values, constant = metric_arrays(pred, true, control, centroid, de, top_k=(5, 10))
+    registry = pm.metric_registry((5, 10))
+    assert [m.name for m in registry] == list(pm.metric_info((5, 10)).index)
+    assert list(values) == [m.name for m in registry] + ["n_de_genes"]
+    assert set(constant) == {m.name for m in registry if m.name.startswith("pearson")}
+    # each specification's function is the public metric function of the same name
+    by_name = {m.name: m for m in registry}
+    inputs = pm.MetricInputs(pred, true, control, centroid, de, top_k=(5, 10))
+    np.testing.assert_allclose(by_name["mse"].compute(inputs)[0], pm.mse(pred, true))
+    np.testing.assert_allclose(
+        by_name["weighted_mse"].compute(inputs)[0],
+        pm.weighted_mse(pred, true, pm.de_gene_weights(de)),
+    )
+    np.testing.assert_allclose(
+        by_name["pearson_delta_control_top5"].compute(inputs)[0],
+        [
+            pm.pearson_delta(p, t, c, genes=pm.top_de_genes(d, 5))
+            for p, t, c, d in zip(pred, true, control, de, strict=True)
+        ],
+    )

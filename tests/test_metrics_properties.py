@@ -10,7 +10,7 @@ from scipy.stats import pearsonr
 
 import perturbx.metrics as pm
 from perturbx.metrics._calibration import calibrate
-from perturbx.metrics._functions import metric_arrays
+from perturbx.metrics._registry import metric_arrays
 
 TOP_K = (3, 7)
 FAST = settings(max_examples=40, deadline=None)

@@ -25,7 +25,6 @@ from perturbx.metrics._functions import (
     centroid_accuracy,
     de_gene_weights,
     direction_agreement,
-    metric_info,
     mse,
     overlap_at_k,
     pearson_delta,
@@ -41,6 +40,7 @@ from perturbx.metrics._pseudobulk import (
     log_normalise,
     pseudobulk,
 )
+from perturbx.metrics._registry import Metric, MetricInputs, metric_info, metric_registry
 from perturbx.metrics._score import EvaluationResult, score, score_means
 
 __all__ = [
@@ -51,6 +51,8 @@ __all__ = [
     "DEResult",
     "EvaluationResult",
     "MIN_CELLS_FOR_DUPLICATE",
+    "Metric",
+    "MetricInputs",
     "centroid_accuracy",
     "clear_de_cache",
     "condition_table",
@@ -62,6 +64,7 @@ __all__ = [
     "is_count_matrix",
     "log_normalise",
     "metric_info",
+    "metric_registry",
     "mse",
     "normalised_score",
     "overlap_at_k",

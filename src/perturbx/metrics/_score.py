@@ -22,7 +22,7 @@ from perturbx.metrics._baselines import (
 from perturbx.metrics._calibration import DEFAULT_DRF_THRESHOLD, calibrate
 from perturbx.metrics._cells import real_cells, with_centroid_reference
 from perturbx.metrics._de import differential_expression
-from perturbx.metrics._functions import _check_top_k, metric_arrays, metric_info
+from perturbx.metrics._functions import _check_top_k
 from perturbx.metrics._inputs import check_arguments, check_finite, match_genes, training_rows
 from perturbx.metrics._pseudobulk import (
     DEFAULT_TARGET_SUM,
@@ -32,6 +32,7 @@ from perturbx.metrics._pseudobulk import (
     is_count_matrix,
     log_normalise,
 )
+from perturbx.metrics._registry import metric_arrays, metric_info
 
 _CONTROL_GROUP = "control"
 
