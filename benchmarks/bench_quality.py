@@ -35,6 +35,8 @@ seed. Methods, side by side on the same held-out conditions:
   features to the training conditions' deltas (:func:`perturbx.baselines.linear_baseline`);
   on combinations, the additive baseline (control + the two singles' measured deltas,
   :func:`perturbx.baselines.additive_baseline`).
+- ``kernel ridge (MinMax)`` (drug screens): kernel ridge with a MinMax (Tanimoto) kernel on
+  Morgan count fingerprints times a dose kernel (:func:`perturbx.baselines.kernel_ridge_baseline`).
 - ``control_mean``, ``perturbed_centroid`` (mean baseline), ``interpolated_duplicate``
   (positive control; unavailable on LINCS, which has one well per condition).
 
@@ -75,6 +77,7 @@ KEY_METRICS = [
 ]
 LOWER_IS_BETTER = {"weighted_mse", "mse"}
 PERTURBX, LEARNED, LINEAR = "PerturbX", "PerturbX (learned only)", "linear"
+KERNEL_RIDGE = "kernel ridge (MinMax)"
 LINEAR_HEAD = "PerturbX (linear shift head, ridge for unseen)"
 LINEAR_HEAD_KWARGS = {"linear_shift_head": True, "unseen_molecules": "ridge"}
 
@@ -219,7 +222,8 @@ def drug_features(featurizer, train, test, perturbation_key) -> dict[str, np.nda
 
 def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
     """Per-condition metrics of every method on one split of one dataset."""
-    from perturbx.baselines import additive_baseline, linear_baseline
+    from perturbx.baselines import additive_baseline, kernel_ridge_baseline, linear_baseline
+    from perturbx.chem import MorganFeaturizer
     from perturbx.metrics import score
 
     args.current = dataset
@@ -269,6 +273,10 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
     if is_drug_screen:
         features = drug_features(models[PERTURBX].featurizer, train, test, pkey)
         linear = linear_baseline(train, targets, features, method=LINEAR, **common)
+        counts = drug_features(MorganFeaturizer(counts=True), train, test, pkey)
+        predictions.append(
+            kernel_ridge_baseline(train, targets, counts, method=KERNEL_RIDGE, **common)
+        )
     else:
         linear = additive_baseline(train, targets, method=LINEAR, **common)
     predictions.append(linear)

@@ -118,3 +118,81 @@ def test_linear_baseline_requires_features_for_every_target():
             covariate_keys=["cell_type"],
             counts=False,
         )
+
+
+# ----------------------------------------------------------------- kernel ridge baseline
+def _kernel_world():
+    """Three training drugs with disjoint fingerprints, their deltas hand-set."""
+    control = np.array([1.0, 2.0, 0.5])
+    deltas = {
+        "d1": np.array([1.0, 0.0, 0.0]),
+        "d2": np.array([0.0, -1.0, 0.0]),
+        "d3": np.array([0.0, 0.0, 2.0]),
+    }
+    features = {
+        "d1": np.array([3.0, 0, 0, 0, 0]),
+        "d2": np.array([0, 2.0, 0, 0, 0]),
+        "d3": np.array([0, 0, 1.0, 0, 0]),
+        "twin_of_d1": np.array([3.0, 0, 0, 0, 0]),  # same fingerprint as d1
+        "stranger": np.array([0, 0, 0, 4.0, 1.0]),
+    }  # shares no feature
+    rows = {"control": control, **{d: control + v for d, v in deltas.items()}}
+    return control, deltas, features, _cells(rows)
+
+
+def test_kernel_ridge_interpolates_known_molecules_and_falls_back_to_the_centroid():
+    from perturbx.baselines import kernel_ridge_baseline
+
+    control, deltas, features, train = _kernel_world()
+    targets = pd.DataFrame(
+        {"perturbation": ["twin_of_d1", "stranger"], "cell_type": ["k562", "k562"]}
+    )
+    pred = kernel_ridge_baseline(
+        train,
+        targets,
+        features,
+        perturbation_key="perturbation",
+        covariate_keys=["cell_type"],
+        counts=False,
+        alphas=[1e-9],
+    )
+    # a molecule identical to a training molecule gets its delta (nearly unpenalised)
+    np.testing.assert_allclose(pred.X[0], control + deltas["d1"], atol=1e-6)
+    # one similar to none gets the mean training delta: the perturbed centroid
+    np.testing.assert_allclose(
+        pred.X[1], control + np.mean(list(deltas.values()), axis=0), atol=1e-9
+    )
+    assert pred.obs["method"].tolist() == ["kernel ridge"] * 2
+
+
+def test_kernel_ridge_shrinks_towards_the_centroid_as_the_penalty_grows():
+    from perturbx.baselines import kernel_ridge_baseline
+
+    control, deltas, features, train = _kernel_world()
+    targets = pd.DataFrame({"perturbation": ["twin_of_d1"], "cell_type": ["k562"]})
+    centroid = control + np.mean(list(deltas.values()), axis=0)
+    gaps = []
+    for alpha in (1e-3, 1.0, 1e3):
+        pred = kernel_ridge_baseline(
+            train,
+            targets,
+            features,
+            perturbation_key="perturbation",
+            covariate_keys=["cell_type"],
+            counts=False,
+            alphas=[alpha],
+        )
+        gaps.append(np.abs(pred.X[0] - centroid).sum())
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-2
+
+
+def test_minmax_similarity_is_tanimoto_on_bits_and_min_over_max_on_counts():
+    from perturbx.chem import minmax_similarity
+
+    bits = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]], dtype=float)
+    np.testing.assert_allclose(minmax_similarity(bits, bits)[0, 1], 1 / 3)
+    assert minmax_similarity(bits, bits)[2, 2] == 0.0  # two empty fingerprints
+    counts = np.array([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0]])
+    np.testing.assert_allclose(minmax_similarity(counts, counts)[0, 1], (1 + 1) / (2 + 3 + 1))
+    with pytest.raises(ValueError, match="non-negative"):
+        minmax_similarity(-counts, counts)

@@ -400,6 +400,41 @@ def tanimoto_similarity(
     return similarity
 
 
+def minmax_similarity(a: np.ndarray, b: np.ndarray, block_rows: int = 64) -> np.ndarray:
+    """MinMax (generalised Tanimoto) similarity of non-negative feature vectors.
+
+    ``sum(min(a, b)) / sum(max(a, b))`` for every pair of rows: for 0/1 fingerprints it is
+    the Tanimoto similarity, for count fingerprints its usual extension (a positive
+    semi-definite kernel, so it can serve a kernel ridge). Two all-zero vectors get 0.
+
+    Parameters
+    ----------
+    a, b
+        ``(n, F)`` and ``(m, F)`` non-negative arrays (e.g. Morgan count fingerprints).
+    block_rows
+        Rows of ``a`` compared at a time (memory ``block_rows × m × F``).
+
+    Returns
+    -------
+    ``(n, m)`` float64 array with values in [0, 1].
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must be 2-D with the same width; got {a.shape}, {b.shape}.")
+    if (a < 0).any() or (b < 0).any():
+        raise ValueError("MinMax similarity needs non-negative features (counts or bits).")
+    out = np.empty((a.shape[0], b.shape[0]))
+    totals_b = b.sum(axis=1)
+    for start in range(0, a.shape[0], block_rows):
+        block = a[start : start + block_rows]
+        minimum = np.minimum(block[:, None, :], b[None, :, :]).sum(axis=2)
+        maximum = block.sum(axis=1)[:, None] + totals_b[None, :] - minimum
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start : start + block_rows] = np.where(maximum > 0, minimum / maximum, 0.0)
+    return out
+
+
 def nearest_reference(
     query: Sequence[str],
     reference: Sequence[str],
