@@ -313,3 +313,39 @@ def test_bad_arguments_raise_clear_errors():
         simulate_drug_screen(n_cells=50, n_genes=60, seed=None)
     with pytest.raises(ValueError, match="n_drugs must be an integer >= 2"):
         simulate_drug_screen(n_cells=50, n_genes=60, n_drugs=1)
+
+
+# ------------------------------------------------------------- the target-class world
+def test_target_class_world_drugs_of_one_class_share_its_program():
+    adata = simulate_drug_screen(
+        n_cells=400, n_genes=300, n_drugs=40, seed=3, world="targets", idiosyncratic_effect=0.0
+    )
+    truth = adata.uns["simulation"]
+    classes = truth["drug_class"]
+    effect = truth["lfc_max"] - np.where(classes[:, None] >= 0, truth["shared_lfc"][None, :], 0)
+    assert truth["params"]["world"] == "targets"
+    assert (classes == -1).any() and len(set(classes[classes >= 0])) >= 3
+    # inactive drugs: no effect at all without the idiosyncratic part
+    np.testing.assert_array_equal(effect[classes == -1], 0.0)
+    # active drugs of one class: proportional effects (one program, different potencies)
+    for c in set(classes[classes >= 0]):
+        rows = effect[classes == c]
+        for row in rows[1:]:
+            np.testing.assert_allclose(np.corrcoef(rows[0], row)[0, 1], 1.0, atol=1e-9)
+    # drugs of different classes: different programs
+    first = [effect[classes == c][0] for c in sorted(set(classes[classes >= 0]))[:2]]
+    assert abs(np.corrcoef(*first)[0, 1]) < 0.5
+
+
+def test_target_class_world_adds_an_idiosyncratic_program_and_keeps_the_linear_default():
+    kw = dict(n_cells=400, n_genes=300, n_drugs=20, seed=1)
+    pure = simulate_drug_screen(world="targets", idiosyncratic_effect=0.0, **kw)
+    noisy = simulate_drug_screen(world="targets", idiosyncratic_effect=0.5, **kw)
+    inactive = noisy.uns["simulation"]["drug_class"] == -1
+    assert (np.abs(noisy.uns["simulation"]["lfc_max"][inactive]).sum(1) > 0).all()
+    assert not np.allclose(pure.uns["simulation"]["lfc_max"], noisy.uns["simulation"]["lfc_max"])
+    linear = simulate_drug_screen(**kw)
+    assert linear.uns["simulation"]["params"]["world"] == "linear"
+    assert (linear.uns["simulation"]["drug_class"] == -1).all()
+    with pytest.raises(ValueError, match="world='nonlinear'"):
+        simulate_drug_screen(world="nonlinear", **kw)

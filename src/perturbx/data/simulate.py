@@ -186,8 +186,28 @@ def simulate_drug_screen(
     effect_rank: int = 10,
     structure_radius: int = 1,
     structure_n_bits: int = 2048,
+    world: str = "linear",
+    n_target_classes: int = 6,
+    idiosyncratic_effect: float = 0.25,
 ) -> ad.AnnData:
     """Simulate a single-cell drug screen (NB counts) whose effects follow chemical structure.
+
+    Two worlds map structure to effect, and each favours some methods:
+
+    * ``world="linear"``: effects are a fixed *linear* map of the fingerprint (steps 2-3
+      below). A ridge regression on fingerprints is the correctly specified model here, so
+      no other method can beat it by much; use it to check that a model recovers a linear
+      world, not to rank methods.
+    * ``world="targets"``: as in pharmacology, drugs act through a few target classes
+      (``n_target_classes`` shared gene programs, like a MEK-like or an HDAC-like
+      signature). A drug's class and potency depend on *combinations* of substructures
+      (each class has three rules, each the presence of two fingerprint bits together), so
+      near neighbours can fall in different classes (activity cliffs) and the map is not
+      linear in the fingerprint; drugs matching no rule are inactive. EC50s are a
+      nonlinear (tanh) function of structure, cell-type multipliers belong to the class,
+      and every drug adds an idiosyncratic program (``idiosyncratic_effect`` of its size)
+      that no structure explains. Similarity-based and nonlinear methods have something to
+      gain here, and the linear ridge is misspecified.
 
     Generative model (all logarithms natural unless stated; ``rng`` seeded by ``seed``):
 
@@ -257,6 +277,13 @@ def simulate_drug_screen(
         Dimension of the structure-to-effect map.
     structure_radius, structure_n_bits
         Morgan fingerprint that drives the effects.
+    world
+        ``"linear"`` or ``"targets"`` (see above).
+    n_target_classes
+        Number of target classes (``world="targets"``).
+    idiosyncratic_effect
+        Size of each drug's structure-independent program relative to its class effect
+        (``world="targets"``; inactive drugs have only this).
 
     Returns
     -------
@@ -295,6 +322,16 @@ def simulate_drug_screen(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     if isinstance(effect_rank, bool) or not isinstance(effect_rank, int) or effect_rank < 1:
         raise ValueError(f"effect_rank must be an integer >= 1, got {effect_rank!r}.")
+    if world not in ("linear", "targets"):
+        raise ValueError(f"world={world!r} must be 'linear' or 'targets'.")
+    if (
+        isinstance(n_target_classes, bool)
+        or not isinstance(n_target_classes, int)
+        or (n_target_classes < 1)
+    ):
+        raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}.")
+    if not idiosyncratic_effect >= 0:
+        raise ValueError(f"idiosyncratic_effect={idiosyncratic_effect!r} must be >= 0.")
     all_names, all_smiles = _drug_table(smiles)
     # Entries named like the control (e.g. the DMSO vehicle row of sci-Plex) are not drugs.
     library = [(n, s) for n, s in zip(all_names, all_smiles, strict=True) if n != CONTROL_LABEL]
@@ -333,25 +370,57 @@ def simulate_drug_screen(
     z, s_ec50, s_hill = latent[:, :effect_rank], latent[:, effect_rank], latent[:, effect_rank + 1]
     s_cell_type = latent[:, effect_rank + 2 :]
 
-    # 3. Gene effects: dense structure map, then keep each drug's largest entries.
-    loadings = structure_rng.normal(0.0, 1.0 / math.sqrt(effect_rank), size=(effect_rank, n_genes))
-    shared = structure_rng.normal(size=n_genes)
-    dense = z @ loadings + shared_effect * shared[None, :]
-    affected = np.sort(
-        np.argpartition(-np.abs(dense), n_affected_genes - 1, axis=1)[:, :n_affected_genes], 1
-    )
-    rows = np.arange(n_drugs)[:, None]
-    lfc_max = np.zeros_like(dense)
-    lfc_max[rows, affected] = dense[rows, affected]
-    mean_abs = np.abs(dense[rows, affected]).mean()
-    lfc_max *= effect_size / mean_abs if mean_abs > 0 else 0.0
+    drug_class = np.full(n_drugs, -1)
+    if world == "linear":
+        # 3. Gene effects: dense structure map, then keep each drug's largest entries.
+        loadings = structure_rng.normal(
+            0.0, 1.0 / math.sqrt(effect_rank), size=(effect_rank, n_genes)
+        )
+        shared = structure_rng.normal(size=n_genes)
+        dense = z @ loadings + shared_effect * shared[None, :]
+        affected = np.sort(
+            np.argpartition(-np.abs(dense), n_affected_genes - 1, axis=1)[:, :n_affected_genes],
+            1,
+        )
+        rows = np.arange(n_drugs)[:, None]
+        lfc_max = np.zeros_like(dense)
+        lfc_max[rows, affected] = dense[rows, affected]
+        mean_abs = np.abs(dense[rows, affected]).mean()
+        lfc_max *= effect_size / mean_abs if mean_abs > 0 else 0.0
+        shared_lfc = shared_effect * shared * (effect_size / mean_abs if mean_abs > 0 else 0.0)
 
-    # 4.-5. Dose response and cell-type multipliers.
-    ec50 = 10.0 ** (np.log10(doses_array).mean() + ec50_sd * s_ec50)
-    hill = 1.5 * np.exp(0.25 * s_hill)
-    multiplier = np.exp(
-        cell_type_specificity * (s_cell_type - s_cell_type.mean(axis=1, keepdims=True))
-    )
+        # 4.-5. Dose response and cell-type multipliers.
+        ec50 = 10.0 ** (np.log10(doses_array).mean() + ec50_sd * s_ec50)
+        hill = 1.5 * np.exp(0.25 * s_hill)
+        multiplier = np.exp(
+            cell_type_specificity * (s_cell_type - s_cell_type.mean(axis=1, keepdims=True))
+        )
+    else:
+        world_truth = _target_class_world(
+            featurize(canonical) > 0,
+            centred,
+            n_genes,
+            n_target_classes,
+            n_affected_genes,
+            n_cell_types,
+            effect_size,
+            shared_effect,
+            idiosyncratic_effect,
+            cell_type_specificity,
+            structure_rng,
+        )
+        lfc_max, shared_lfc, drug_class = (
+            world_truth["lfc_max"],
+            world_truth["shared_lfc"],
+            world_truth["drug_class"],
+        )
+        affected = np.sort(
+            np.argpartition(-np.abs(lfc_max), n_affected_genes - 1, axis=1)[:, :n_affected_genes],
+            1,
+        )
+        ec50 = 10.0 ** (np.log10(doses_array).mean() + 2.0 * ec50_sd * world_truth["s_ec50"])
+        hill = 1.5 * np.exp(0.25 * s_hill)
+        multiplier = world_truth["multiplier"]
 
     truth: dict[str, Any] = {
         "params": {
@@ -374,8 +443,12 @@ def simulate_drug_screen(
             "effect_rank": effect_rank,
             "structure_radius": structure_radius,
             "structure_n_bits": structure_n_bits,
+            "world": world,
+            "n_target_classes": n_target_classes,
+            "idiosyncratic_effect": float(idiosyncratic_effect),
             "control_label": CONTROL_LABEL,
         },
+        "drug_class": drug_class.astype(np.int64),
         "drug_names": np.asarray(names, dtype=str),
         "drug_smiles": np.asarray(canonical, dtype=str),
         "affected_genes": affected.astype(np.int64),
@@ -385,7 +458,7 @@ def simulate_drug_screen(
         "cell_type_names": np.asarray([f"cell_type_{c}" for c in range(n_cell_types)], dtype=str),
         "cell_type_multiplier": multiplier,
         "baseline_log_mean": math.log(library_size) + eta,
-        "shared_lfc": shared_effect * shared * (effect_size / mean_abs if mean_abs > 0 else 0.0),
+        "shared_lfc": shared_lfc,
         "nb_theta": theta,
     }
 
@@ -420,6 +493,84 @@ def simulate_drug_screen(
     adata = ad.AnnData(X=counts, obs=obs, var=var)
     adata.uns[TRUTH_KEY] = truth
     return adata
+
+
+def _target_class_world(
+    bits: np.ndarray,
+    centred: np.ndarray,
+    n_genes: int,
+    n_classes: int,
+    n_affected_genes: int,
+    n_cell_types: int,
+    effect_size: float,
+    shared_effect: float,
+    idiosyncratic_effect: float,
+    cell_type_specificity: float,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Effects of ``world="targets"`` (see :func:`simulate_drug_screen`).
+
+    ``bits``: ``(n_drugs, F)`` bool substructure presence; ``centred``: the centred log1p
+    count fingerprints. Each class has three rules, each a pair of bits whose joint presence
+    (AND) is seen in 5-40% of the library (if no pair qualifies, the most frequent pairs), a
+    weight per rule and a signed program on ``n_affected_genes`` genes. A drug's class is the
+    one whose matched rules weigh most (none: inactive), its potency that weight.
+    """
+    n_drugs = bits.shape[0]
+    frequency = bits.mean(axis=0)
+    candidates = np.flatnonzero((frequency >= 0.1) & (frequency <= 0.8))
+    if len(candidates) < 2:
+        candidates = np.argsort(-frequency)[: max(2, min(20, bits.shape[1]))]
+    sub = bits[:, candidates].astype(np.float64)
+    joint = (sub.T @ sub) / n_drugs  # joint presence of each pair of candidate bits
+    i, j = np.triu_indices(len(candidates), k=1)
+    pair_frequency = joint[i, j]
+    usable = np.flatnonzero((pair_frequency >= 0.05) & (pair_frequency <= 0.4))
+    if len(usable) < 3 * n_classes:
+        usable = np.argsort(-pair_frequency)[: max(3 * n_classes, 1)]
+    chosen = rng.choice(usable, size=(n_classes, 3), replace=len(usable) < 3 * n_classes)
+    weights = rng.uniform(0.5, 1.5, size=(n_classes, 3))
+    score = np.zeros((n_drugs, n_classes))
+    for t in range(n_classes):
+        for r in range(3):
+            a, b = candidates[i[chosen[t, r]]], candidates[j[chosen[t, r]]]
+            score[:, t] += weights[t, r] * (bits[:, a] & bits[:, b])
+    drug_class = np.where(score.max(axis=1) > 0, score.argmax(axis=1), -1)
+    potency = np.where(drug_class >= 0, score.max(axis=1), 0.0)
+    active = drug_class >= 0
+    if active.any():  # mean potency 1 over active drugs, at most 2
+        potency = np.minimum(potency / potency[active].mean(), 2.0)
+
+    def sparse_programs(n: int) -> np.ndarray:
+        programs = np.zeros((n, n_genes))
+        for row in programs:
+            genes = rng.choice(n_genes, size=n_affected_genes, replace=False)
+            values = rng.normal(size=n_affected_genes)
+            row[genes] = values / np.abs(values).mean()
+        return programs
+
+    class_programs = sparse_programs(n_classes)
+    idiosyncratic = sparse_programs(n_drugs)
+    shared = rng.normal(size=n_genes)
+    lfc_max = np.zeros((n_drugs, n_genes))
+    lfc_max[active] = potency[active, None] * class_programs[drug_class[active]]
+    lfc_max += idiosyncratic_effect * idiosyncratic
+    lfc_max = effect_size * lfc_max
+    shared_lfc = effect_size * shared_effect * shared
+    lfc_max[active] += shared_lfc  # the response common to every active drug
+    class_log_multiplier = rng.normal(size=(n_classes, n_cell_types))
+    class_log_multiplier -= class_log_multiplier.mean(axis=1, keepdims=True)
+    multiplier = np.ones((n_drugs, n_cell_types))
+    multiplier[active] = np.exp(cell_type_specificity * class_log_multiplier[drug_class[active]])
+    projection = rng.normal(size=(centred.shape[1],))
+    s_ec50 = np.tanh(_unit_rms_columns((centred @ projection)[:, None])[:, 0])
+    return {
+        "lfc_max": lfc_max,
+        "shared_lfc": shared_lfc,
+        "drug_class": drug_class,
+        "multiplier": multiplier,
+        "s_ec50": s_ec50,
+    }
 
 
 def _build_obs(names, canonical, drug_code, dose, cell_type, n_cell_types) -> pd.DataFrame:
