@@ -9,9 +9,10 @@ Usage::
     python benchmarks/bench_training.py --n-drugs 2000    # a large compound library
 
 Throughput on a shared VM varies by up to ±20% from run to run (this VM has spells of a
-~30% slower state: ``benchmarks/README.md``, "The VM has two speeds"), so compare medians of
-several runs (``--repeats``), not single runs. Peak RSS is the process's maximum so far, so
-with ``--repeats`` it covers all runs (models of earlier runs are not all returned to the OS).
+~30% slower state: ``docs/notes/benchmark_notes.md``, "The VM has two speeds"), so compare
+medians of several runs (``--repeats``), not single runs. Peak RSS is the process's maximum
+so far, so with ``--repeats`` it covers all runs (models of earlier runs are not all
+returned to the OS).
 
 The data is a simulated NB drug screen (``perturbx.data.simulate_drug_screen``), stored as a
 sparse CSR matrix, with the simulator's first 20 built-in drugs unless ``--n-drugs`` asks for

@@ -1,4 +1,10 @@
-"""Data: registration helpers, the drug-screen simulator and out-of-distribution splits."""
+"""Working with *your* data: the simulator, out-of-distribution splits and registration helpers.
+
+``perturbx.data`` turns an AnnData into a benchmark (``split_unseen_perturbations`` and its
+siblings write a ``split`` column), simulates screens with a known answer
+(``simulate_drug_screen``, ``true_log_fold_change``) and holds the registration fields that
+``PerturbX.setup_anndata`` uses. Downloading *public* data sets is :mod:`perturbx.datasets`.
+"""
 
 from perturbx.conditions import format_condition, parse_condition
 from perturbx.data._writing import write_counts_h5ad

@@ -1,4 +1,6 @@
-"""Real perturbation data sets, downloaded with pooch and returned as ready-to-use AnnData.
+"""Public perturbation data sets, downloaded with pooch and returned as ready-to-use AnnData.
+
+(To split, simulate or register data, see :mod:`perturbx.data`.)
 
 Every loader downloads its files once from a pinned upstream URL, checks the sha256, caches
 them, and returns an :class:`~anndata.AnnData` whose ``.obs`` follows the perturbx

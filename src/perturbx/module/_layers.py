@@ -21,7 +21,7 @@ _MLP_CODE_SIZE = 4  # per-perturbation code fed to the shared dose-response MLP
 #: minimum-norm interpolation of the training molecules. Leave-one-out over the training
 #: molecules' embeddings chose 10 instead (it finds them barely predictable), which shrank
 #: held-out drugs to the average drug and predicted them worse on the simulator
-#: (``benchmarks/README.md``, "The linear shift head and ridge embeddings as options").
+#: (``docs/notes/benchmark_notes.md``, "The linear shift head and ridge embeddings as options").
 RIDGE_PENALTY: float = 1e-3
 
 
