@@ -166,6 +166,49 @@ def test_sciplex3_smiles(data_cache):
     assert table.loc[table["name"] == "ABT-737", "pathway"].item() == "Apoptosis"
 
 
+# ----------------------------------------------------------------------------- glioblastoma
+
+
+@pytest.fixture(scope="module")
+def glioblastoma(data_cache):
+    return datasets.zhao2021_glioblastoma(data_cache)
+
+
+def test_glioblastoma_counts_cells_and_genes(glioblastoma):
+    adata = glioblastoma
+    assert adata.shape == (5000, 300) and sparse.isspmatrix_csr(adata.X)
+    values = adata.X.data
+    assert (values >= 0).all() and np.array_equal(values, np.round(values))
+    assert adata.obs_names.is_unique and adata.var_names.is_unique
+    assert adata.var["gene_id"].str.startswith("ENSG").all()
+    assert "SPP1" in adata.var_names  # symbols, not Ensembl ids
+
+
+def test_glioblastoma_conditions_patients_and_smiles(glioblastoma):
+    from perturbx.chem import canonical_smiles
+
+    obs = glioblastoma.obs
+    per_group = obs.groupby(["patient", "perturbation"], observed=True).size()
+    assert len(per_group) == 10 and (per_group == 500).all()
+    assert set(obs["perturbation"]) == {"control", "Panobinostat"}
+    treated = obs["perturbation"] == "Panobinostat"
+    assert set(obs.loc[treated, "dose"]) == {0.2} and set(obs.loc[~treated, "dose"]) == {0.0}
+    assert set(obs.loc[~treated, "smiles"]) == {""}
+    (smiles,) = set(obs.loc[treated, "smiles"])
+    assert canonical_smiles(smiles)  # a valid molecule: panobinostat's
+    assert {"treatment_id", "age", "gender", "location", "condition"} <= set(obs.columns)
+    info = glioblastoma.uns["perturbx_dataset"]
+    assert set(info) >= UNS_KEYS and info["covariate_keys"] == ["patient"]
+    assert info["likelihood"] == "nb"
+
+
+def test_glioblastoma_checksum_mismatch_is_an_error(tmp_path, shared_data_dir):
+    good = (shared_data_dir / "glioblastoma_example_data.rda").read_bytes()
+    (tmp_path / "glioblastoma_example_data.rda").write_bytes(good[:-10])
+    with pytest.raises(datasets.DataChecksumError, match="glioblastoma_example_data.rda"):
+        datasets.zhao2021_glioblastoma(tmp_path)
+
+
 # ----------------------------------------------------------------------------- cache, checksums
 
 

@@ -21,6 +21,7 @@ from perturbx.datasets._fetch import (
     data_cache_dir,
     fetch_file,
 )
+from perturbx.datasets._glioblastoma import zhao2021_glioblastoma
 from perturbx.datasets._lincs import lincs_a375, read_gct
 from perturbx.datasets._standardize import (
     NORMAN2019_URL,
@@ -44,5 +45,6 @@ __all__ = [
     "norman_mcfaline_devel",
     "read_gct",
     "sciplex3_smiles",
+    "zhao2021_glioblastoma",
     "standardize_obs",
 ]

@@ -38,6 +38,11 @@ _FILES: dict[str, _RemoteFile] = {
         "src/perturbench/data/resources/devel.h5ad",
         "220998f5630c813228c8661c86dd52244b9ac87127511289af90e0d900d8429b",
     ),
+    "glioblastoma_example_data.rda": _RemoteFile(
+        "https://raw.githubusercontent.com/const-ae/lemur/0e62bc1287b17deec678f7db435ec09098a475f2/"
+        "data/glioblastoma_example_data.rda",
+        "4e56d9cff16fb6750dd0054a0f7f05a7429c612906dc610c8dd44cb3e60de37e",
+    ),
 }
 
 
@@ -64,7 +69,7 @@ def fetch_file(file_name: str, cache_dir: str | os.PathLike | None = None) -> Pa
     ----------
     file_name
         One of ``test_l1000.gct``, ``lincs_drugs_smiles.csv``, ``trapnell_drugs_smiles.csv``,
-        ``perturbench_devel.h5ad``.
+        ``perturbench_devel.h5ad``, ``glioblastoma_example_data.rda``.
     cache_dir
         Cache folder; see :func:`data_cache_dir`.
 

@@ -129,7 +129,7 @@ class PredictionMixin:
         _, loader = self._batches(adata, indices, batch_size)
         basal, library, covariates = [], [], []
         for tensors in loader:
-            inference_outputs = self.module.inference(**self.module._get_inference_input(tensors))
+            inference_outputs = self.module.encode(tensors)
             basal.append(inference_outputs["basal_latent"])
             library.append(inference_outputs["library"])
             cov = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)

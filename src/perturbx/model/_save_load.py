@@ -44,7 +44,7 @@ class SaveLoadMixin:
         registry with the vocabulary and fingerprint settings, the setup and init arguments,
         the split indices, the training history and the package versions), and with
         ``save_anndata`` the AnnData as ``{prefix}adata.h5ad``. None of them is read with
-        pickle by :meth:`load`; see :mod:`perturbx._model_files`.
+        pickle by :meth:`load`; see :mod:`perturbx.model._files`.
 
         Parameters
         ----------

@@ -249,6 +249,10 @@ class PerturbXModule(BaseModuleClass):
     def _get_inference_input(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {"x": tensors[REGISTRY_KEYS.X_KEY]}
 
+    def encode(self, tensors: dict) -> dict:
+        """:meth:`inference` of a minibatch of registered tensors (basal latent, library)."""
+        return self.inference(**self._get_inference_input(tensors))
+
     @auto_move_data
     def inference(self, x: torch.Tensor, n_samples: int = 1) -> dict:
         """Encode expression ``x`` ``(B, G)`` to the basal latent ``(B, L)``.

@@ -237,8 +237,7 @@ class PerturbXTrainingPlan(TrainingPlan):
 
     def _adversary_step(self, batch, adversary_opt) -> torch.Tensor:
         with torch.no_grad():
-            inference_inputs = self.module._get_inference_input(batch)
-            inference_outputs = self.module.inference(**inference_inputs)
+            inference_outputs = self.module.encode(batch)
             basal = self.module.adversary_latent(inference_outputs)
         basal.requires_grad_(True)
         loss = self.module.adversary_losses(basal, batch).cross_entropy
