@@ -37,6 +37,11 @@ seed. Methods, side by side on the same held-out conditions:
   :func:`perturbx.baselines.additive_baseline`).
 - ``kernel ridge (MinMax)`` (drug screens): kernel ridge with a MinMax (Tanimoto) kernel on
   Morgan count fingerprints times a dose kernel (:func:`perturbx.baselines.kernel_ridge_baseline`).
+- On ``glioblastoma`` (a held-out patient), ``linear`` is the transferred mean response: the
+  patient's controls plus the other patients' mean response
+  (:func:`perturbx.baselines.transferred_response_baseline`); the perturbed centroid of the
+  held-out patient is undefined (it has no training perturbations), so the metrics against
+  it are NaN there.
 - ``control_mean``, ``perturbed_centroid`` (mean baseline), ``interpolated_duplicate``
   (positive control; unavailable on LINCS, which has one well per condition).
 
@@ -143,7 +148,33 @@ def norman(args, seed):
     return adata, setup, {"likelihood": "gaussian"}
 
 
-DATASETS = {"simulator": simulator, "lincs": lincs, "norman": norman}
+def glioblastoma(args, seed):
+    """Zhao 2021 glioblastoma: one patient's panobinostat response held out (seed -> patient).
+
+    The held-out patient's treated cells and 10% of every patient's controls are the test
+    split (the held-out patient's other controls stay in train, so the model knows its basal
+    state); PerturbX predicts the treated cells from the patient's held-out controls.
+    """
+    from perturbx.data import split_unseen_cell_types
+    from perturbx.datasets import zhao2021_glioblastoma
+
+    adata = zhao2021_glioblastoma()
+    patients = sorted(adata.obs["patient"].astype(str).unique())
+    split_unseen_cell_types(
+        adata,
+        "perturbation",
+        "patient",
+        held_out_cell_type=patients[seed % len(patients)],
+        dose_key="dose",
+        seed=seed,
+    )
+    setup = dict(perturbation_key="perturbation", dose_key="dose", covariate_keys=["patient"])
+    return adata, setup, {"likelihood": "nb"}
+
+
+DATASETS = {"simulator": simulator, "lincs": lincs, "norman": norman, "glioblastoma": glioblastoma}
+#: Datasets whose held-out unit is a covariate group (patient), not a perturbation.
+COVARIATE_TRANSFER = {"glioblastoma": "patient"}
 
 
 def fresh_simulator_truth(args, seed, test):
@@ -270,7 +301,13 @@ def run(dataset: str, seed: int, args) -> tuple[pd.DataFrame, dict]:
 
     targets = predictions[0].obs[[pkey, dkey, *ckeys]].drop_duplicates()
     common = dict(perturbation_key=pkey, dose_key=dkey, covariate_keys=ckeys)
-    if is_drug_screen:
+    if dataset in COVARIATE_TRANSFER:
+        from perturbx.baselines import transferred_response_baseline
+
+        linear = transferred_response_baseline(
+            train, targets, transfer_key=COVARIATE_TRANSFER[dataset], method=LINEAR, **common
+        )
+    elif is_drug_screen:
         features = drug_features(models[PERTURBX].featurizer, train, test, pkey)
         linear = linear_baseline(train, targets, features, method=LINEAR, **common)
         counts = drug_features(MorganFeaturizer(counts=True), train, test, pkey)
@@ -393,6 +430,7 @@ def main() -> None:
     parser.add_argument("--epochs-simulator", type=int, default=None)
     parser.add_argument("--epochs-lincs", type=int, default=None)
     parser.add_argument("--epochs-norman", type=int, default=None)
+    parser.add_argument("--epochs-glioblastoma", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="default: PerturbX's")
     parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON")
     parser.add_argument("--plan-kwargs", type=json.loads, default={}, help="JSON")
@@ -441,6 +479,7 @@ def main() -> None:
         "simulator": args.epochs_simulator,
         "lincs": args.epochs_lincs,
         "norman": args.epochs_norman,
+        "glioblastoma": args.epochs_glioblastoma,
     }
 
     start = time.perf_counter()

@@ -196,3 +196,46 @@ def test_minmax_similarity_is_tanimoto_on_bits_and_min_over_max_on_counts():
     np.testing.assert_allclose(minmax_similarity(counts, counts)[0, 1], (1 + 1) / (2 + 3 + 1))
     with pytest.raises(ValueError, match="non-negative"):
         minmax_similarity(-counts, counts)
+
+
+def test_transferred_response_adds_the_other_groups_mean_response():
+    from perturbx.baselines import transferred_response_baseline
+
+    parts, deltas = [], {"p1": np.array([1.0, 0.0, -1.0]), "p2": np.array([3.0, 2.0, 1.0])}
+    for patient, offset in (("p1", 0.0), ("p2", 5.0), ("p3", 10.0)):
+        control = np.array([1.0, 2.0, 3.0]) + offset
+        rows = {"control": control}
+        if patient in deltas:
+            rows["drug"] = control + deltas[patient]
+        parts.append(_cells(rows, cell_type=patient))
+    train = ad.concat(parts)
+    targets = pd.DataFrame({"perturbation": ["drug"], "dose": ["1"], "cell_type": ["p3"]})
+    pred = transferred_response_baseline(
+        train,
+        targets,
+        perturbation_key="perturbation",
+        dose_key="dose",
+        covariate_keys=["cell_type"],
+        transfer_key="cell_type",
+        counts=False,
+    )
+    np.testing.assert_allclose(pred.X[0], np.array([11.0, 12.0, 13.0]) + [2.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="transfer_key='patient'"):
+        transferred_response_baseline(
+            train,
+            targets,
+            perturbation_key="perturbation",
+            covariate_keys=["cell_type"],
+            transfer_key="patient",
+        )
+    lonely = pd.DataFrame({"perturbation": ["other"], "dose": ["1"], "cell_type": ["p3"]})
+    with pytest.raises(ValueError, match="No other 'cell_type' group"):
+        transferred_response_baseline(
+            train,
+            lonely,
+            perturbation_key="perturbation",
+            dose_key="dose",
+            covariate_keys=["cell_type"],
+            transfer_key="cell_type",
+            counts=False,
+        )

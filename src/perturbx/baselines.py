@@ -13,6 +13,9 @@ perturbed centroid, interpolated duplicate) live in :mod:`perturbx.metrics`.
 * :func:`kernel_ridge_baseline` does the same with a MinMax (Tanimoto) kernel on
   fingerprints: a new molecule's delta is a similarity-weighted combination of the training
   molecules', falling back to the mean delta for molecules unlike any of them.
+* :func:`transferred_response_baseline` predicts a condition in a new group (patient, donor)
+  as that group's controls plus the other groups' mean response: the mean baseline of
+  covariate transfer.
 * :func:`additive_baseline` predicts a combination as the control plus the sum of its
   members' measured single deltas (at the same doses and covariates). It is known to be hard
   to beat on combinatorial genetic screens (Ahlmann-Eltze, Huber & Anders, 2025).
@@ -69,6 +72,22 @@ class _TrainingMeans:
         means, _ = group_means(matrix, codes, len(table))
         self.means = dict(zip(table["key"], means, strict=True))
         self.controls = {key[0]: self.means[key] for key in table.loc[table["is_control"], "key"]}
+
+    def conditions_with_features(
+        self, covariates: tuple, features: Mapping, target: str, baseline: str
+    ) -> list[tuple]:
+        """Training conditions of ``covariates`` whose members all have ``features`` (>= 2)."""
+        found = [
+            k
+            for k in self.means
+            if k[0] == covariates and k[1] and all(n in features for n in k[1])
+        ]
+        if len(found) < 2:
+            raise ValueError(
+                f"Fewer than 2 training conditions with features for covariates "
+                f"{covariates}; cannot fit the {baseline} baseline for {target!r}."
+            )
+        return found
 
     def control(self, covariates: tuple, target: str) -> np.ndarray:
         if covariates not in self.controls:
@@ -202,16 +221,7 @@ def linear_baseline(
         label = "+".join(names)
         control = means.control(covariates, label)
         if covariates not in models:
-            train_keys = [
-                k
-                for k in means.means
-                if k[0] == covariates and k[1] and all(n in features for n in k[1])
-            ]
-            if len(train_keys) < 2:
-                raise ValueError(
-                    f"Fewer than 2 training conditions with features for covariates "
-                    f"{covariates}; cannot fit the linear baseline for {label!r}."
-                )
+            train_keys = means.conditions_with_features(covariates, features, label, "linear")
             x = np.stack([design(k[1], k[2]) for k in train_keys])
             y = np.stack([means.means[k] - control for k in train_keys])
             models[covariates] = RidgeCV(alphas=alphas).fit(x, y)
@@ -326,16 +336,7 @@ def kernel_ridge_baseline(
         label = "+".join(names)
         control = means.control(covariates, label)
         if covariates not in fitted:
-            train_keys = [
-                k
-                for k in means.means
-                if k[0] == covariates and k[1] and all(n in features for n in k[1])
-            ]
-            if len(train_keys) < 2:
-                raise ValueError(
-                    f"Fewer than 2 training conditions with features for covariates "
-                    f"{covariates}; cannot fit the kernel ridge baseline for {label!r}."
-                )
+            train_keys = means.conditions_with_features(covariates, features, label, "kernel ridge")
             conditions = [(k[1], k[2]) for k in train_keys]
             y = np.stack([means.means[k] - control for k in train_keys])
             offset = y.mean(axis=0)
@@ -383,6 +384,107 @@ def _kernel_ridge_fit(gram, conditions, y, alphas, widths):
                 coefficients = q @ (qty / (eigenvalues + alpha)[:, None])
                 best = (error, width, coefficients)
     return best[1], best[2]
+
+
+def transferred_response_baseline(
+    train: AnnData,
+    targets: pd.DataFrame,
+    *,
+    perturbation_key: str,
+    transfer_key: str,
+    dose_key: str | None = None,
+    covariate_keys: Sequence[str] = (),
+    control_value: str = "control",
+    layer: str | None = None,
+    counts: bool | None = None,
+    target_sum: float = DEFAULT_TARGET_SUM,
+    method: str = "transferred mean response",
+) -> AnnData:
+    """The mean response of the other groups, added to the target group's own controls.
+
+    The natural mean baseline for covariate transfer (a new patient, donor or cell type): a
+    condition in group ``g`` (the value of ``transfer_key``) is predicted as
+    ``control_g + mean over groups h != g measuring it of (mean(condition, h) - control_h)``,
+    everything in log-normalised space and the other covariates matched.
+
+    Parameters
+    ----------
+    train
+        Training cells: every group's controls and the condition in the other groups.
+    targets
+        One row per condition to predict (perturbation, dose and covariate columns).
+    perturbation_key, dose_key, covariate_keys, control_value
+        ``obs`` columns and control label (also the columns of ``targets``);
+        ``transfer_key`` must be one of ``covariate_keys``.
+    transfer_key
+        The covariate across which the response is transferred (e.g. ``"patient"``).
+    layer, counts, target_sum
+        Expression of ``train`` (see :func:`perturbx.metrics.log_normalise`).
+    method
+        Value of ``obs["method"]`` of the result.
+
+    Returns
+    -------
+    AnnData ``(n_targets, n_genes)`` of predicted log-normalised means.
+
+    Raises
+    ------
+    ValueError
+        If ``transfer_key`` is not a covariate, or no other group measures a target condition.
+    """
+    covariate_keys = list(covariate_keys)
+    if transfer_key not in covariate_keys:
+        raise ValueError(
+            f"transfer_key={transfer_key!r} must be one of covariate_keys {covariate_keys}."
+        )
+    position = covariate_keys.index(transfer_key)
+    keys = _target_keys(targets, perturbation_key, dose_key, covariate_keys, control_value)
+    means = _TrainingMeans(
+        train,
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        control_value=control_value,
+        layer=layer,
+        counts=counts,
+        target_sum=target_sum,
+    )
+
+    def others(covariates):
+        return [
+            c
+            for c in {k[0] for k in means.means}
+            if c[position] != covariates[position]
+            and all(
+                a == b for i, (a, b) in enumerate(zip(c, covariates, strict=True)) if i != position
+            )
+        ]
+
+    rows = []
+    for covariates, names, doses in keys:
+        label = "+".join(names)
+        control = means.control(covariates, label)
+        responses = [
+            means.means[(other, names, doses)] - means.control(other, label)
+            for other in others(covariates)
+            if (other, names, doses) in means.means
+        ]
+        if not responses:
+            raise ValueError(
+                f"No other {transfer_key!r} group than {covariates[position]!r} measures "
+                f"{label!r} at these doses in train; nothing to transfer."
+            )
+        rows.append(control + np.mean(responses, axis=0))
+    return _as_anndata(
+        rows,
+        keys,
+        train.var_names,
+        perturbation_key=perturbation_key,
+        dose_key=dose_key,
+        covariate_keys=covariate_keys,
+        control_value=control_value,
+        method=method,
+    )
 
 
 def additive_baseline(
