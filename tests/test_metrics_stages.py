@@ -106,3 +106,39 @@ def test_de_statistics_find_the_changed_gene_and_can_be_passed_back_in():
         )
     with pytest.raises(ValueError, match="positive-control split"):
         pm.score(pred, real, de_statistics=first.de_statistics, seed=1, **KEYS)
+
+
+def test_a_group_without_training_conditions_gets_the_other_groups_mean_delta():
+    real = _real()
+    obs = real.obs
+    # group x keeps only its controls and the evaluated A: no training conditions of its own
+    keep = ~((obs["cell_type"] == "x") & obs["drug"].isin(["B", "C"])).to_numpy()
+    real = real[keep].copy()
+    pred = real[(real.obs["drug"] == "A") & (real.obs["cell_type"] == "x")].copy()
+    match = match_conditions(real.obs, pred.obs, train_perturbations=None, **KEYS)
+    genes = real.var_names.sort_values()
+    means = real_means(
+        real_cells(real, None),
+        real.obs_names.to_numpy(),
+        match,
+        genes,
+        counts=None,
+        target_sum=1e4,
+        use_duplicate=False,
+        seed=0,
+    )
+    x = real.X / real.X.sum(1, keepdims=True) * 1e4
+    logged = pd.DataFrame(np.log1p(x), index=real.obs_names, columns=real.var_names)[genes]
+    o = real.obs
+
+    def mean_of(drug, cell_type):
+        return logged[(o["drug"] == drug) & (o["cell_type"] == cell_type)].mean()
+
+    deltas = [mean_of(d, "y") - mean_of("control", "y") for d in ("A", "B", "C")]
+    expected = mean_of("control", "x") + pd.concat(deltas, axis=1).mean(axis=1)
+    np.testing.assert_allclose(means.centroid[0], expected, rtol=1e-6)
+    assert means.transferred_centroid.tolist() == [True]
+    result = pm.score(pred, real, **KEYS)
+    assert "the other groups' mean delta" in result.per_condition["note"].iloc[0]
+    row = result.per_condition.set_index("method").loc["interpolated_duplicate"]
+    assert np.isfinite(row["weighted_mse"])  # the positive control exists again

@@ -52,9 +52,10 @@ class ConditionMatch:
 
     ``real_table`` / ``pred_table`` and their per-cell ``*_codes`` come from
     :func:`perturbx.metrics.condition_table`; ``eval_rows`` are the real rows scored (in key
-    order), ``eval_table`` those rows; ``cov_groups`` the distinct covariate keys and
-    ``eval_group`` each evaluated condition's index in it; ``control_rows`` the real control
-    row of each covariate group; ``train_rows`` the real rows forming the centroid.
+    order), ``eval_table`` those rows; ``cov_groups`` the distinct covariate keys of the
+    evaluated conditions and ``eval_group`` each evaluated condition's index in it;
+    ``control_rows`` the real control row of each of those groups, then of the other groups
+    with training conditions; ``train_rows`` the real rows forming the centroid.
     """
 
     real_table: pd.DataFrame
@@ -127,6 +128,13 @@ def match_conditions(
             )
         control_rows[cov] = row
     train_rows = training_rows(real_table, set(eval_rows), train_perturbations, control_value)
+    # Training conditions of groups without evaluated conditions (other patients) count too,
+    # when their controls are measured: their deltas form the centroid of an evaluated group
+    # that has no training conditions of its own (see real_means).
+    for r in train_rows:
+        cov = real_table["covariate_key"].iat[r]
+        if cov not in control_rows and (cov, (), ()) in real_row_of:
+            control_rows[cov] = real_row_of[(cov, (), ())]
     train_rows = np.asarray(
         [r for r in train_rows if real_table["covariate_key"].iat[r] in control_rows], dtype=int
     )
@@ -154,8 +162,10 @@ class RealMeans:
     ``mean_codes``: each of those cells' group (controls ``0..n_controls-1``, then training
     conditions, truth, second halves); ``true_means`` / ``n_cells_true``: the truth;
     ``half2_means``: second halves (where ``eligible`` for a positive control);
-    ``control`` / ``centroid``: each condition's references; ``counts``: whether the real
-    expression was counts; ``note``: what was done to it.
+    ``control`` / ``centroid``: each condition's references (``transferred_centroid``: where
+    the condition's group has no training conditions, so that its centroid is its controls
+    plus the other groups' mean delta); ``counts``: whether the real expression was counts;
+    ``note``: what was done to it.
     """
 
     matrix: np.ndarray
@@ -170,6 +180,7 @@ class RealMeans:
     note: str
     n_controls: int
     n_training: int
+    transferred_centroid: np.ndarray
 
 
 def real_means(
@@ -227,13 +238,20 @@ def real_means(
         target_sum=target_sum,
     )
     truth_slice = slice(n_ctrl + n_train, n_ctrl + n_train + n_eval)
-    control = means[:n_ctrl][match.eval_group]  # control_rows follows cov_groups order
-    train_cov = real_table["covariate_key"].iloc[match.train_rows].tolist()
-    centroid = perturbed_centroid(
-        means[n_ctrl : n_ctrl + n_train],
-        np.asarray([match.cov_groups.index(c) for c in train_cov]),
-        match.eval_group,
+    control = means[:n_ctrl][match.eval_group]  # control_rows starts in cov_groups order
+    groups = list(match.control_rows)
+    train_group = np.asarray(
+        [groups.index(c) for c in real_table["covariate_key"].iloc[match.train_rows]], dtype=int
     )
+    train_means = means[n_ctrl : n_ctrl + n_train]
+    centroid = perturbed_centroid(train_means, train_group, match.eval_group)
+    # A group without training conditions (a held-out patient): its controls plus the mean
+    # delta of the training conditions of the other groups, each against its own controls.
+    missing = ~np.isfinite(centroid).all(axis=1)
+    transferred = missing & (n_train > 0)
+    if transferred.any():
+        mean_delta = (train_means - means[:n_ctrl][train_group]).mean(axis=0)
+        centroid[transferred] = control[transferred] + mean_delta
     return RealMeans(
         matrix=matrix,
         mean_codes=mean_codes,
@@ -247,6 +265,7 @@ def real_means(
         note=note,
         n_controls=n_ctrl,
         n_training=n_train,
+        transferred_centroid=transferred,
     )
 
 
@@ -462,7 +481,14 @@ def per_condition_tables(
         frame["n_obs_pred"] = n_obs if method in user_methods else 0
         metric_frame = pd.DataFrame(values, columns=metrics)
         frame = pd.concat([frame, metric_frame], axis=1)
-        frame["note"] = _notes(method, means.eligible, means.n_cells_true, de.test, has_centroid)
+        frame["note"] = _notes(
+            method,
+            means.eligible,
+            means.n_cells_true,
+            de.test,
+            has_centroid,
+            means.transferred_centroid,
+        )
         filled = metric_frame.copy()
         for name, mask in constant.items():
             filled.loc[mask, name] = 0.0
@@ -471,7 +497,7 @@ def per_condition_tables(
     return pd.concat(frames, ignore_index=True), pd.concat(filled_frames, ignore_index=True)
 
 
-def _notes(method, eligible, n_cells, de_test, has_centroid) -> list[str]:
+def _notes(method, eligible, n_cells, de_test, has_centroid, transferred) -> list[str]:
     notes = []
     for e in range(len(eligible)):
         parts = []
@@ -488,5 +514,10 @@ def _notes(method, eligible, n_cells, de_test, has_centroid) -> list[str]:
             )
         if not has_centroid[e]:
             parts.append("no training conditions with these covariates: centroid undefined")
+        elif transferred[e]:
+            parts.append(
+                "no training conditions with these covariates: centroid = their controls + "
+                "the other groups' mean delta"
+            )
         notes.append("; ".join(parts))
     return notes
