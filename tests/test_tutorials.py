@@ -29,10 +29,15 @@ FAST_PARAMETERS = {
     "02_genetic_combinations.ipynb": "EPOCHS = 2",
     "03_evaluate_any_model.ipynb": "N_CELLS = 4_000",
     "04_quickstart_simulated.ipynb": "EPOCHS = 2\nN_CELLS = 2_000\nN_GENES = 300",
+    "05_new_patient_glioblastoma.ipynb": "EPOCHS = 2",
 }
 
 # Notebooks that load real data (the others simulate theirs and run without the data folder).
-NEEDS_DATA = {"01_unseen_drugs_lincs.ipynb", "02_genetic_combinations.ipynb"}
+NEEDS_DATA = {
+    "01_unseen_drugs_lincs.ipynb",
+    "02_genetic_combinations.ipynb",
+    "05_new_patient_glioblastoma.ipynb",
+}
 
 # What each notebook must have computed (run in its kernel after its last cell).
 CHECKS = {
@@ -69,6 +74,15 @@ medians = result.summary.pivot(index="metric", columns="method", values="median"
 for metric in ["mse", "weighted_mse"]:
     assert medians.loc[metric, "noisy truth"] < 0.5 * medians.loc[metric, "perturbed_centroid"]
 assert medians.loc["pearson_delta_centroid", "noisy truth"] > 0.5
+""",
+    "05_new_patient_glioblastoma.ipynb": """
+assert set(per_patient["patient"]) == set(patients) and len(patients) == 5
+assert {"PerturbX", "transferred mean response", "control_mean",
+        "interpolated_duplicate"} <= set(per_patient["method"])
+# each held-out patient's prediction came from its own controls only
+for patient, test in tests.items():
+    assert set(test.obs.loc[test.obs["perturbation"] == "Panobinostat", "patient"]) == {patient}
+assert np.isfinite(per_patient["weighted_mse"]).all()
 """,
     "04_quickstart_simulated.ipynb": """
 assert same, "the loaded model must predict what the saved one did"
