@@ -205,6 +205,10 @@ def test_foreign_or_damaged_files_are_clear_errors(nb_model, tmp_path):
     (other / "model.json").write_text(json.dumps({**document, "model_class": "SCVI"}))
     with pytest.raises(ValueError, match="'SCVI' model"):
         PerturbX.load(other, adata=adata.copy())
+    tampered = {**document, "attributes": {**document["attributes"], "module": 1}}
+    (other / "model.json").write_text(json.dumps(tampered))
+    with pytest.raises(ValueError, match="attributes that a model file never holds.*'module'"):
+        PerturbX.load(other, adata=adata.copy())
     (other / "model.json").write_text(json.dumps(document))
     (other / "model.safetensors").write_bytes(b"\x00" * 10)  # a truncated download
     with pytest.raises(ValueError, match="not a readable safetensors file"):

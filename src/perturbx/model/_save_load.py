@@ -149,6 +149,14 @@ class SaveLoadMixin:
                 f"{dir_path} holds a {metadata.get('model_class')!r} model, not {cls.__name__}."
             )
         attributes = dict(metadata["attributes"])
+        # Only scvi's public state attributes ("is_trained_", "history_", ...) are restored.
+        odd = [
+            k
+            for k in attributes
+            if not isinstance(k, str) or not k.endswith("_") or k.startswith("_")
+        ]
+        if odd:
+            raise ValueError(f"{dir_path} lists attributes that a model file never holds: {odd}.")
         registry = attributes.pop("registry_")
         init_params = attributes.pop("init_params_")
         if adata is None and paths["adata"].is_file():
