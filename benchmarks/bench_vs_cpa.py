@@ -150,7 +150,8 @@ def run_cpa(
         "--threads",
         str(threads),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    # cpa-tools writes a model.pt into its working directory: keep it out of the checkout.
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=data.parent)
     return _last_json_line(done.stdout)
 
 
